@@ -1,0 +1,282 @@
+"""HookedViT against the timm model it wraps, on tiny random configs of every supported family."""
+import pytest
+import torch
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import ResPostBlock, VisionTransformer
+
+from vitlens import HookedViT, UnknownHookError, UnsupportedModelError
+
+BASE = dict(img_size=32, patch_size=8, num_classes=10, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2)
+FAMILIES = {
+    "cls": dict(),
+    "avg_fc_norm": dict(global_pool="avg"),
+    "no_cls": dict(class_token=False, global_pool="avg"),
+    "distilled": dict(distilled=True),
+    "registers": dict(reg_tokens=4, no_embed_class=True),
+    "layerscale": dict(init_values=0.5),
+    "qk_norm": dict(qk_norm=True),
+    "pre_norm": dict(pre_norm=True),
+    "dynamic_size": dict(dynamic_img_size=True),
+    "res_post": dict(block_fn=ResPostBlock, class_token=False, global_pool="avg", qkv_bias=False),
+}
+
+
+def build(family: str, seed: int = 0) -> VisionTransformer:
+    """A random timm model whose norms have non-trivial gains and biases (so folding is really tested)."""
+    torch.manual_seed(seed)
+    kwargs = {**BASE, **FAMILIES[family]}
+    cls = VisionTransformerDistilled if kwargs.pop("distilled", False) else VisionTransformer
+    vit = cls(**kwargs).eval()
+    with torch.no_grad():
+        for module in vit.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.normal_(1.0, 0.2)
+                module.bias.normal_(0.0, 0.2)
+        for name, p in vit.named_parameters():
+            if name.endswith("bias") and p.abs().sum() == 0 or "token" in name:
+                p.normal_(0.0, 0.2)
+    return vit
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    vit = build(request.param)
+    return request.param, vit, HookedViT.from_timm(vit)
+
+
+def images(n=3, size=32, seed=1):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def test_logits_equal_timm_bit_for_bit(family):
+    name, vit, model = family
+    x = images()
+    assert torch.equal(model(x), vit(x)), name
+
+
+@torch.no_grad()
+def test_dynamic_size_other_resolution_equal_timm():
+    vit = build("dynamic_size")
+    model = HookedViT.from_timm(vit)
+    x = torch.randn(2, 3, 48, 40)
+    assert torch.equal(model(x), vit(x))
+    _, cache = model.run_with_cache(x, names_filter="blocks.0.hook_resid_post")
+    layout = model.layout_for(x)
+    assert layout.grid == (6, 5)
+    assert cache["blocks.0.hook_resid_post"].shape[1] == layout.n_tokens
+
+
+@torch.no_grad()
+def test_resid_post_equals_forward_intermediates(family):
+    name, vit, model = family
+    x = images()
+    _, cache = model.run_with_cache(x, names_filter=lambda n: n.endswith("hook_resid_post"))
+    inter = vit.forward_intermediates(x, indices=len(vit.blocks), norm=False, output_fmt="NLC", intermediates_only=True)
+    for layer, expected in enumerate(inter):
+        got = cache["resid_post", layer][:, model.layout.n_prefix:]
+        assert torch.equal(got, expected), (name, layer)
+
+
+@torch.no_grad()
+def test_residual_stream_identities(family):
+    name, _, model = family
+    _, cache = model.run_with_cache(images())
+    for layer in range(model.cfg.n_layers):
+        assert torch.equal(cache["resid_pre", layer] + cache["attn_out", layer], cache["resid_mid", layer])
+        assert torch.equal(cache["resid_mid", layer] + cache["mlp_out", layer], cache["resid_post", layer])
+    assert torch.equal(cache["blocks.0.hook_resid_pre"], cache["hook_full_embed"])
+
+
+@torch.no_grad()
+def test_pattern_rows_sum_to_one_and_logits_match_fused(family):
+    name, vit, model = family
+    x = images()
+    logits, cache = model.run_with_cache(x, names_filter=lambda n: n.endswith("hook_pattern"))
+    for layer in range(model.cfg.n_layers):
+        pattern = cache["pattern", layer]
+        assert pattern.shape == (3, model.cfg.n_heads, model.cfg.n_ctx, model.cfg.n_ctx)
+        torch.testing.assert_close(pattern.sum(-1), torch.ones(pattern.shape[:-1]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits, vit(x), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_pattern_matches_recomputation_from_q_k():
+    model = HookedViT.from_timm(build("qk_norm"))
+    _, cache = model.run_with_cache(images())
+    q, k = cache["q", 1], cache["k", 1]  # [batch pos head d_head], after qk-norm
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / model.cfg.d_head ** 0.5
+    torch.testing.assert_close(cache["pattern", 1], scores.softmax(-1), atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_fused_attention_stays_on_where_no_pattern_hook(monkeypatch):
+    model = HookedViT.from_timm(build("cls"))
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    model.run_with_cache(images(), names_filter="blocks.1.attn.hook_pattern")
+    assert len(calls) == 1  # block 0 fused, block 1 eager
+    calls.clear()
+    model.run_with_cache(images(), names_filter=["blocks.0.attn.hook_z", "blocks.1.attn.hook_q"])
+    assert len(calls) == 2  # q/k/v/z hooks keep the fused kernel
+
+
+@torch.no_grad()
+def test_patching_resid_from_other_image_gives_its_logits(family):
+    name, _, model = family
+    a, b = images(seed=1), images(seed=2)
+    for layer in range(model.cfg.n_layers):
+        hook = f"blocks.{layer}.hook_resid_post"
+        logits_b, cache_b = model.run_with_cache(b, names_filter=hook)
+        patched = model.run_with_hooks(a, fwd_hooks=[(hook, lambda t, hook: cache_b[hook.name])])
+        assert torch.equal(patched, logits_b), (name, layer)
+        assert not torch.equal(patched, model(a))
+
+
+@torch.no_grad()
+def test_zero_ablating_a_head_changes_logits_and_only_that_head():
+    model = HookedViT.from_timm(build("cls"))
+    x = images()
+
+    def ablate(z, hook):
+        z[:, :, 1] = 0
+        return z
+
+    _, clean = model.run_with_cache(x)
+    ablated_logits = model.run_with_hooks(x, fwd_hooks=[("blocks.0.attn.hook_z", ablate)])
+    assert not torch.allclose(ablated_logits, clean["hook_logits"])
+    # The head's contribution through W_O is what disappears from attn_out.
+    head1 = torch.einsum("bpd,dm->bpm", clean["z", 0][:, :, 1], model.blocks[0].attn.W_O[1])
+    _, cache = model.run_with_cache(x, names_filter="blocks.0.hook_attn_out")
+    with model.hooks(fwd_hooks=[("blocks.0.attn.hook_z", ablate)]):
+        _, ablated = model.run_with_cache(x, names_filter="blocks.0.hook_attn_out")
+    torch.testing.assert_close(cache["attn_out", 0] - ablated["attn_out", 0], head1, atol=1e-5, rtol=0)
+
+
+def test_hooks_removed_after_a_raising_call():
+    model = HookedViT.from_timm(build("cls"))
+
+    def boom(t, hook):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        model.run_with_hooks(images(), fwd_hooks=[("blocks.1.hook_mlp_out", boom), ("hook_logits", boom)])
+    with pytest.raises(RuntimeError, match="boom"):
+        model.run_with_hooks(images(), fwd_hooks=[(lambda n: "pattern" in n, boom)])
+    with pytest.raises(RuntimeError, match="boom"), model.hooks(fwd_hooks=[("hook_embed", boom)]):
+        model(images())
+    assert all(not hp._forward_hooks and not hp._backward_hooks for hp in model.hook_dict.values())
+    torch.testing.assert_close(model(images()), model.vit(images()), atol=0, rtol=0)
+
+
+def test_unknown_hook_name_lists_close_names():
+    model = HookedViT.from_timm(build("cls"))
+    with pytest.raises(UnknownHookError, match=r"blocks\.0\.hook_resid_post"):
+        model.run_with_hooks(images(), fwd_hooks=[("blocks.0.hook_resid_pots", lambda t, hook: t)])
+    with pytest.raises(UnknownHookError, match=r"blocks\.1\.attn\.hook_pattern"):
+        model.run_with_cache(images(), names_filter=["blocks.1.attn.hook_patern"])
+    assert all(not hp._forward_hooks for hp in model.hook_dict.values())
+
+
+@torch.no_grad()
+def test_token_layout_of_each_family():
+    expected = {  # cls, dist, registers, prefix
+        "cls": (0, None, (), 1),
+        "no_cls": (None, None, (), 0),
+        "distilled": (0, 1, (), 2),
+        "registers": (0, None, (1, 2, 3, 4), 5),
+    }
+    for family, (cls_index, dist_index, regs, n_prefix) in expected.items():
+        layout = HookedViT.from_timm(build(family)).layout
+        assert (layout.cls_index, layout.dist_index, layout.register_indices, layout.n_prefix) == \
+            (cls_index, dist_index, regs, n_prefix)
+        assert layout.grid == (4, 4) and layout.n_tokens == n_prefix + 16
+        assert layout.tokens("patches").tolist() == list(range(n_prefix, n_prefix + 16))
+    layout = HookedViT.from_timm(build("registers")).layout
+    assert layout.tokens("registers").tolist() == [1, 2, 3, 4]
+    assert layout.describe(0) == "cls" and layout.describe(2) == "reg1"
+    assert layout.describe(5 + 6) == "patch(1,2)" and layout.patch_position(5 + 15) == (3, 3)
+    with pytest.raises(ValueError, match="no class token"):
+        HookedViT.from_timm(build("no_cls")).tokens("cls")
+
+
+@torch.no_grad()
+def test_registers_hold_their_own_tokens():
+    """The register embeddings really sit at the register indices of hook_full_embed."""
+    vit = build("registers")
+    model = HookedViT.from_timm(vit)
+    _, cache = model.run_with_cache(images(), names_filter="hook_full_embed")
+    regs = cache["hook_full_embed"][:, model.tokens("registers")]
+    torch.testing.assert_close(regs, vit.reg_token.expand(3, -1, -1), atol=0, rtol=0)  # no_embed_class: no pos
+
+
+@torch.no_grad()
+def test_logit_attrs_sum_to_logit_minus_documented_bias():
+    """decompose_resid + logit_attrs is exact for CLS pooling: attrs sum to logit - logit_bias."""
+    model = HookedViT.from_timm(build("layerscale"))
+    x = images()
+    logits, cache = model.run_with_cache(x)
+    stack, labels = cache.decompose_resid(pos_slice=0, return_labels=True)
+    assert labels == ["embed", "0_attn_out", "0_mlp_out", "1_attn_out", "1_mlp_out"]
+    torch.testing.assert_close(stack.sum(0), cache["resid_post", 1][:, 0], atol=1e-5, rtol=0)
+    classes = logits.argmax(-1)
+    attrs = cache.logit_attrs(stack, tokens=classes, pos_slice=0)
+    expected = logits.gather(1, classes[:, None])[:, 0] - model.logit_bias(classes)
+    torch.testing.assert_close(attrs.sum(0), expected, atol=1e-4, rtol=0)
+    assert not torch.allclose(attrs.sum(0), logits.gather(1, classes[:, None])[:, 0], atol=1e-2)
+
+
+@torch.no_grad()
+def test_head_results_and_neurons_reassemble_outputs():
+    """W_O / W_out (LayerScale folded in) rebuild attn_out and mlp_out; accumulated_bias feeds the full decomposition."""
+    model = HookedViT.from_timm(build("layerscale"))
+    _, cache = model.run_with_cache(images())
+    heads = cache.stack_head_results(layer=-1)  # [layer*head batch pos d_model]
+    per_layer = heads.reshape(model.cfg.n_layers, model.cfg.n_heads, *heads.shape[1:]).sum(1)
+    for layer in range(model.cfg.n_layers):
+        torch.testing.assert_close(per_layer[layer] + model.blocks[layer].attn.b_O, cache["attn_out", layer],
+                                   atol=1e-5, rtol=0)
+        mlp = cache["post", layer] @ model.blocks[layer].mlp.W_out + model.blocks[layer].mlp.b_out
+        torch.testing.assert_close(mlp, cache["mlp_out", layer], atol=1e-5, rtol=0)
+    full = cache.get_full_resid_decomposition(expand_neurons=False)  # heads, mlp_out, bias (embed kept apart)
+    torch.testing.assert_close(full.sum(0) + cache["hook_full_embed"], cache["resid_post", 1], atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_unembed_of_last_cls_is_the_logits_and_accumulated_resid_lens():
+    model = HookedViT.from_timm(build("cls"))
+    logits, cache = model.run_with_cache(images())
+    torch.testing.assert_close(model.unembed(cache["resid_post", 1][:, 0]), logits, atol=1e-5, rtol=0)
+    lens = cache.accumulated_resid(apply_ln=True, pos_slice=0)  # final norm applied with its affine
+    torch.testing.assert_close(model.vit.head(lens[-1]), logits, atol=1e-5, rtol=0)
+
+
+def test_unsupported_families_are_named():
+    torch.manual_seed(0)
+    with pytest.raises(UnsupportedModelError, match="Attention-pool"):
+        HookedViT.from_timm(VisionTransformer(**{**BASE, "global_pool": "map"}))
+    from timm.layers import SwiGLUPacked
+
+    with pytest.raises(UnsupportedModelError, match="gated MLP"):
+        HookedViT.from_timm(VisionTransformer(**BASE, mlp_layer=SwiGLUPacked))
+    with pytest.raises(UnsupportedModelError, match="VisionTransformer"):
+        HookedViT.from_timm(torch.nn.Linear(2, 2))
+
+
+def test_wrong_image_size_and_channels_are_explained():
+    model = HookedViT.from_timm(build("cls"))
+    with pytest.raises(ValueError, match="Expected 32x32 images, got 48x48"):
+        model(torch.zeros(1, 3, 48, 48))
+    with pytest.raises(ValueError, match="grayscale"):
+        model(torch.zeros(1, 1, 32, 32))
+
+
+def test_weights_have_one_owner_and_hash_tracks_them():
+    vit = build("cls")
+    model = HookedViT.from_timm(vit)
+    assert set(model.state_dict()) == {f"vit.{k}" for k in vit.state_dict()}
+    h = model.weights_hash()
+    assert h == HookedViT.from_timm(build("cls")).weights_hash()
+    assert h != HookedViT.from_timm(build("cls", seed=1)).weights_hash()

@@ -1,0 +1,210 @@
+"""Model names -> timm models wrapped in :class:`~vitlens.HookedViT`, loaded without touching a network.
+
+``load_model`` accepts:
+
+* a nickname from :data:`ZOO` (the seeds' model names and the bundled ``tiny-scenes``);
+* any timm model name, with or without a pretrained tag (``vit_base_patch16_224.augreg_in21k_ft_in1k``),
+  whose weights come from the user's Hugging Face cache, a ``checkpoint=`` file, or random init
+  (``pretrained=False``);
+* ``local-dir:/path`` or a directory holding ``config.json`` + ``model.safetensors``
+  (timm's ``save_for_hf`` format);
+* a checkpoint file (``.safetensors``, or ``.pth``/``.bin`` read with ``torch.load(weights_only=True)``)
+  together with ``arch=``.
+
+Weights are never fetched from a hub unless ``allow_download=True``: a missing file is a
+:class:`WeightsNotFoundError` that names the file or cache entry to provide.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import timm
+import torch
+from timm.models import get_pretrained_cfg
+
+from vitlens.hooked import HookedViT
+
+BUNDLED_DIR = Path(__file__).parent
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """The weights of a model are not available offline; the message says what to provide."""
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """A nickname: the timm architecture (with pretrained tag) and how its weights are found."""
+
+    timm_name: str
+    note: str
+    kwargs: dict = field(default_factory=dict)
+    checkpoint_hint: Optional[str] = None  # weights that exist only as a file from the original authors
+    bundled: Optional[str] = None  # folder under vitlens/zoo/
+
+
+ZOO: dict[str, ZooEntry] = {
+    "tiny-scenes": ZooEntry("vit_tiny_scenes", "bundled 4-block ViT trained on the scene set", bundled="tiny-scenes"),
+    "tiny-scenes-gap": ZooEntry("vit_tiny_scenes_gap", "bundled average-pool variant", bundled="tiny-scenes-gap"),
+    "vit_b_32": ZooEntry("vit_base_patch32_224.augreg_in21k_ft_in1k", "ViT-B/32, in21k -> in1k (augreg)"),
+    "vit_b_16": ZooEntry("vit_base_patch16_224.augreg_in21k_ft_in1k",
+                         "ViT-B/16, in21k -> in1k (augreg; the bare timm name now means augreg2)"),
+    "vit_l_16": ZooEntry("vit_large_patch16_224.augreg_in21k_ft_in1k", "ViT-L/16, in21k -> in1k (augreg)"),
+    "vit_miil_16": ZooEntry("vit_base_patch16_224_miil.in21k_ft_in1k",
+                            "ViT-B/16 MIIL, 1000 classes (the bare timm name now has 11,221)"),
+    "vit_cifar_16": ZooEntry("vit_base_patch16_224", "ViT-B/16 fine-tuned on CIFAR-100 (vit-cls_emb checkpoint)",
+                             kwargs={"num_classes": 100},
+                             checkpoint_hint="vit_base_patch16_224-CIFAR100.pt from the vit-cls_emb authors"),
+    "deit_ensemble_16": ZooEntry("deit_base_patch16_224", "DeiT-B 'Refinement' model of Naseer et al. (CLS head only)",
+                                 checkpoint_hint="deit_base_trm.pth from Naseer et al.'s release"),
+    "vit_gap_16": ZooEntry("vit_base_patch16_rpn_224.sw_in1k", "ViT-B/16, global average pool, post-norm blocks"),
+}
+
+
+def load_model(
+    name: Union[str, os.PathLike],
+    *,
+    checkpoint: Union[str, os.PathLike, None] = None,
+    arch: Optional[str] = None,
+    pretrained: bool = True,
+    allow_download: bool = False,
+    device: Union[str, torch.device, None] = None,
+    **timm_kwargs,
+) -> HookedViT:
+    """Build a timm ViT, load its weights offline and wrap it in a :class:`HookedViT` (eval mode).
+
+    Args:
+        name: a :data:`ZOO` nickname, a timm model name, ``local-dir:PATH``, a directory, or a checkpoint file.
+        checkpoint: a weights file to load into the architecture (``.safetensors``, ``.pth``, ``.bin``).
+        arch: the timm architecture of a checkpoint file given as ``name``.
+        pretrained: False builds the architecture with random weights (seed it yourself).
+        allow_download: let timm fetch missing weights from the Hugging Face hub.
+        device: where to put the model.
+        **timm_kwargs: passed to ``timm.create_model`` (e.g. ``num_classes``, ``dynamic_img_size``).
+    """
+    name = str(name)
+    if name in ZOO:
+        entry = ZOO[name]
+        if entry.bundled:
+            vit = _create_from_dir(BUNDLED_DIR / entry.bundled, timm_kwargs)
+        else:
+            ckpt = checkpoint or _needs_file(entry, name, pretrained)
+            vit = _create(entry.timm_name, ckpt, pretrained, allow_download, {**entry.kwargs, **timm_kwargs})
+        tag = name
+    elif name.startswith("local-dir:") or Path(name).is_dir():
+        path = Path(name.removeprefix("local-dir:")).expanduser()
+        vit = _create_from_dir(path, timm_kwargs)
+        tag = f"local-dir:{path.resolve()}"
+    elif Path(name).suffix in _WEIGHT_SUFFIXES:
+        if arch is None:
+            raise ValueError(f"Loading the checkpoint file {name} needs its architecture: pass arch='<timm model name>'.")
+        vit = _create(arch, name, True, False, timm_kwargs)
+        tag = f"{arch}@{Path(name).name}"
+    else:
+        if not timm.is_model(name):
+            close = timm.list_models(f"*{name.split('.')[0]}*")[:5]
+            raise ValueError(f"Unknown model {name!r}: not a vitlens nickname ({', '.join(ZOO)}) nor a timm model"
+                             + (f"; close timm names: {', '.join(close)}." if close else "."))
+        vit = _create(name, checkpoint, pretrained, allow_download, timm_kwargs)
+        tag = name
+    if device is not None:
+        vit = vit.to(device)
+    return HookedViT.from_timm(vit, tag=tag)
+
+
+_WEIGHT_SUFFIXES = {".safetensors", ".pth", ".pt", ".bin"}
+
+
+def _needs_file(entry: ZooEntry, name: str, pretrained: bool) -> Optional[str]:
+    if entry.checkpoint_hint and pretrained:
+        raise WeightsNotFoundError(
+            f"{name!r} has no hub weights: download {entry.checkpoint_hint} and pass "
+            f"load_model({name!r}, checkpoint='/path/to/file'), or pretrained=False for random weights."
+        )
+    return None
+
+
+def _create_from_dir(path: Path, timm_kwargs: dict) -> torch.nn.Module:
+    """A folder in timm's ``save_for_hf`` format: config.json + model.safetensors (or pytorch_model.bin)."""
+    if not (path / "config.json").is_file():
+        raise WeightsNotFoundError(
+            f"{path} is not a model folder: expected config.json and model.safetensors "
+            "(written by timm.models.save_for_hf)."
+        )
+    weights = next((path / f for f in ("model.safetensors", "pytorch_model.bin") if (path / f).is_file()), None)
+    if weights is None:
+        raise WeightsNotFoundError(f"{path} has config.json but no model.safetensors or pytorch_model.bin.")
+    return timm.create_model(f"local-dir:{path}", pretrained=True, **timm_kwargs)
+
+
+def _create(timm_name: str, checkpoint, pretrained: bool, allow_download: bool, kwargs: dict) -> torch.nn.Module:
+    """timm.create_model with weights from a file, the HF cache, a download (opt-in) or random init."""
+    if checkpoint is not None:
+        vit = timm.create_model(timm_name, pretrained=False, **kwargs)
+        state = _read_state_dict(Path(checkpoint))
+        missing, unexpected = vit.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{checkpoint} does not fit {timm_name}: missing {sorted(missing)[:5]}, unexpected "
+                f"{sorted(unexpected)[:5]}. Check the architecture and its arguments (e.g. num_classes)."
+            )
+        return vit
+    if not pretrained:
+        return timm.create_model(timm_name, pretrained=False, **kwargs)
+    if allow_download:
+        return timm.create_model(timm_name, pretrained=True, **kwargs)
+    cached = _find_in_hf_cache(timm_name)
+    # Passing the file through the pretrained config keeps timm's checkpoint filter (pos-embed resampling).
+    overlay = dict(file=cached)
+    if "num_classes" in kwargs:  # otherwise timm silently drops a head whose size differs from the cfg
+        overlay["num_classes"] = kwargs["num_classes"]
+    return timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+
+
+def _find_in_hf_cache(timm_name: str) -> str:
+    """The weights file of a timm model in the local Hugging Face cache, without any network call."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    cfg = get_pretrained_cfg(timm_name)
+    repo = cfg.hf_hub_id if cfg is not None else None
+    if not repo:
+        raise WeightsNotFoundError(
+            f"timm has no hub weights for {timm_name!r}; pass checkpoint='/path/to/weights' or pretrained=False."
+        )
+    for filename in ("model.safetensors", "open_clip_model.safetensors"):
+        found = try_to_load_from_cache(repo, filename)
+        if isinstance(found, str):
+            return found
+    raise WeightsNotFoundError(
+        f"The weights of {timm_name!r} are not in the Hugging Face cache ({HF_HUB_CACHE}): expected "
+        f"{repo}/model.safetensors there. Download it where a network is available (e.g. "
+        f"`hf download {repo}`), copy a save_for_hf folder and use 'local-dir:PATH', pass checkpoint=FILE, "
+        "or load_model(..., allow_download=True)."
+    )
+
+
+def _read_state_dict(path: Path) -> dict:
+    """Tensors only: safetensors, or torch.load(weights_only=True); prefixes like 'model.' are stripped."""
+    if not path.is_file():
+        raise WeightsNotFoundError(f"Checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model", "module"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+    for prefix in ("module.", "model."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def list_models() -> list[str]:
+    """The zoo's nicknames with their notes, for ``--help`` and the README."""
+    return [f"{name}: {entry.note} ({entry.timm_name})" for name, entry in ZOO.items()]
