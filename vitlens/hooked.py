@@ -417,7 +417,7 @@ class HookedViT(HookedRootModule):
     @classmethod
     def from_timm(cls, vit: VisionTransformer, tag: Optional[str] = None) -> "HookedViT":
         """Wrap a built timm model (no copy, no conversion). The model is put in eval mode."""
-        return cls(vit.eval(), tag=tag)
+        return cls(vit, tag=tag).eval()
 
     def setup(self):
         super().setup()

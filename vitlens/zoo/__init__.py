@@ -16,6 +16,7 @@ Weights are never fetched from a hub unless ``allow_download=True``: a missing f
 """
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,7 +105,7 @@ def load_model(
         tag = f"{arch}@{Path(name).name}"
     else:
         if not timm.is_model(name):
-            close = timm.list_models(f"*{name.split('.')[0]}*")[:5]
+            close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=5, cutoff=0.8)
             raise ValueError(f"Unknown model {name!r}: not a vitlens nickname ({', '.join(ZOO)}) nor a timm model"
                              + (f"; close timm names: {', '.join(close)}." if close else "."))
         vit = _create(name, checkpoint, pretrained, allow_download, timm_kwargs)
@@ -144,12 +145,16 @@ def _create(timm_name: str, checkpoint, pretrained: bool, allow_download: bool, 
     if checkpoint is not None:
         vit = timm.create_model(timm_name, pretrained=False, **kwargs)
         state = _read_state_dict(Path(checkpoint))
-        missing, unexpected = vit.load_state_dict(state, strict=False)
-        if missing or unexpected:
+        expected = vit.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        reshaped = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+        if missing or unexpected or reshaped:
             raise ValueError(
-                f"{checkpoint} does not fit {timm_name}: missing {sorted(missing)[:5]}, unexpected "
-                f"{sorted(unexpected)[:5]}. Check the architecture and its arguments (e.g. num_classes)."
+                f"{checkpoint} does not fit {timm_name}: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                f"other shapes {reshaped[:3]}. Check the architecture and its arguments (e.g. num_classes)."
             )
+        vit.load_state_dict(state)
         return vit
     if not pretrained:
         return timm.create_model(timm_name, pretrained=False, **kwargs)

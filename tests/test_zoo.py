@@ -1,0 +1,100 @@
+"""load_model: every offline weight source gives the same model; missing weights say what to provide."""
+import time
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from vitlens import HookedViT, WeightsNotFoundError, load_model
+from vitlens.zoo import ZOO
+
+ARCH = "vit_tiny_patch16_224"
+SMALL = dict(img_size=32, depth=2, num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    torch.manual_seed(0)
+    return timm.create_model(ARCH, pretrained=False, **SMALL).eval()
+
+
+def assert_same_model(model: HookedViT, reference):
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+    assert not model.training
+
+
+def test_local_dir_in_save_for_hf_format(tmp_path, reference):
+    timm.models.save_for_hf(reference, tmp_path / "m", model_args=SMALL, safe_serialization=True)
+    assert_same_model(load_model(f"local-dir:{tmp_path / 'm'}"), reference)
+    assert_same_model(load_model(tmp_path / "m"), reference)
+
+
+def test_checkpoint_files_safetensors_and_weights_only_torch(tmp_path, reference):
+    save_file(reference.state_dict(), tmp_path / "w.safetensors")
+    model = load_model(tmp_path / "w.safetensors", arch=ARCH, **SMALL)
+    assert_same_model(model, reference)
+    assert model.tag == f"{ARCH}@w.safetensors"
+    torch.save({"model": {f"module.{k}": v for k, v in reference.state_dict().items()}}, tmp_path / "w.pth")
+    assert_same_model(load_model(ARCH, checkpoint=tmp_path / "w.pth", **SMALL), reference)
+
+
+class Evil:
+    """Stands for any pickled object that is not a tensor."""
+
+
+def test_pickled_objects_are_refused(tmp_path, reference):
+    torch.save({"state_dict": reference.state_dict(), "extra": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(Exception, match="weights_only|Unsupported global"):
+        load_model(ARCH, checkpoint=tmp_path / "evil.pth", **SMALL)
+
+
+def test_checkpoint_of_another_architecture_is_named(tmp_path, reference):
+    save_file(reference.state_dict(), tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match="does not fit vit_small_patch16_224"):
+        load_model("vit_small_patch16_224", checkpoint=tmp_path / "w.safetensors", **SMALL)
+
+
+def test_hugging_face_cache_is_used_offline(tmp_path, monkeypatch, reference):
+    """A file in the HF cache layout (models--timm--NAME/snapshots/REV/) is found without a network call."""
+    import huggingface_hub.constants as hf_constants
+
+    name = f"{ARCH}.augreg_in21k_ft_in1k"
+    repo = tmp_path / "hub" / f"models--timm--{name}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    save_file(reference.state_dict(), repo / "snapshots" / "abc123" / "model.safetensors")
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert_same_model(load_model(name, **SMALL), reference)
+
+
+def test_missing_weights_fail_fast_and_name_the_file(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    start = time.monotonic()
+    with pytest.raises(WeightsNotFoundError, match=r"timm/vit_base_patch16_224\.augreg_in21k_ft_in1k/model\.safetensors"):
+        load_model("vit_b_16")
+    assert time.monotonic() - start < 20  # no network retries
+    with pytest.raises(WeightsNotFoundError, match="vit_base_patch16_224-CIFAR100.pt"):
+        load_model("vit_cifar_16")
+    with pytest.raises(WeightsNotFoundError, match="no model.safetensors|not a model folder"):
+        load_model(f"local-dir:{tmp_path}")
+
+
+def test_random_weights_and_unknown_names():
+    torch.manual_seed(0)
+    model = load_model("vit_gap_16", pretrained=False, img_size=32, depth=1)
+    assert model.layout.cls_index is None and model.cfg.global_pool == "avg" and model.blocks[0].post_norm
+    with pytest.raises(ValueError, match="Unknown model 'vit_base_patch16_225'.*vit_base_patch16"):
+        load_model("vit_base_patch16_225")
+
+
+def test_zoo_names_are_timm_models():
+    for name, entry in ZOO.items():
+        if not entry.bundled:
+            assert timm.is_model(entry.timm_name), name
+            assert entry.checkpoint_hint or timm.models.get_pretrained_cfg(entry.timm_name).hf_hub_id, name
