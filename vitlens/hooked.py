@@ -2,7 +2,8 @@
 
 The wrapper owns no weights of its own. It keeps the timm model as ``model.vit`` and replays timm's forward
 path module by module (the same modules, ops and order), passing every activation through a named
-:class:`~transformer_lens.hook_points.HookPoint`. With no hooks the logits equal timm's bit for bit.
+:class:`~transformer_lens.hook_points.HookPoint`. With no hooks attached anywhere, ``forward`` simply calls timm's forward; with hooks, the
+replayed path gives the same bits wherever the hooks return nothing.
 
 Hook names follow TransformerLens::
 
@@ -229,12 +230,12 @@ class HookedAttention(_Wrapper):
 
     def __init__(self, attn: Attention):
         super().__init__(attn)
-        for name in ("hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z"):
+        for name in self._HOOKS:
             setattr(self, name, HookPoint())
 
-    @property
-    def _points(self) -> tuple[HookPoint, ...]:
-        return (self.hook_q, self.hook_k, self.hook_v, self.hook_attn_scores, self.hook_pattern, self.hook_z)
+        object.__setattr__(self, "_points", tuple(getattr(self, n) for n in self._HOOKS))
+
+    _HOOKS = ("hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attn = self.target
@@ -344,17 +345,18 @@ class HookedBlock(_Wrapper):
         object.__setattr__(self.mlp, "block_ls", getattr(block, "ls2", None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.target
+        # The hook containers never carry hooks themselves (their HookPoints do): call .forward directly.
+        b, ln1, attn, ln2, mlp = self.target, self.ln1.forward, self.attn.forward, self.ln2.forward, self.mlp.forward
         x = _bypass(self.hook_resid_pre, x)
         if self.post_norm:  # x + drop_path(norm(sublayer(x)))
-            attn_out = b.drop_path1(self.ln1(self.attn(x)))
+            attn_out = b.drop_path1(ln1(attn(x)))
         else:  # x + drop_path(ls(sublayer(norm(x))))
-            attn_out = b.drop_path1(b.ls1(self.attn(self.ln1(x))))
+            attn_out = b.drop_path1(b.ls1(attn(ln1(x))))
         x = _bypass(self.hook_resid_mid, x + _bypass(self.hook_attn_out, attn_out))
         if self.post_norm:
-            mlp_out = b.drop_path2(self.ln2(self.mlp(x)))
+            mlp_out = b.drop_path2(ln2(mlp(x)))
         else:
-            mlp_out = b.drop_path2(b.ls2(self.mlp(self.ln2(x))))
+            mlp_out = b.drop_path2(b.ls2(mlp(ln2(x))))
         return _bypass(self.hook_resid_post, x + _bypass(self.hook_mlp_out, mlp_out))
 
 
@@ -422,6 +424,7 @@ class HookedViT(HookedRootModule):
     def setup(self):
         super().setup()
         self.mod_dict = _HookNames(self.mod_dict)
+        self._hook_points = tuple(self.hook_dict.values())
 
     def _make_cfg(self) -> ViTConfig:
         vit = self.vit
@@ -444,10 +447,12 @@ class HookedViT(HookedRootModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images [batch chans height width] -> logits [batch n_classes], through every hook point."""
         self._check_input(x)
+        if not any(_active(point) for point in self._hook_points):
+            return self.vit(x)  # nothing to record or patch: timm's own forward, fastest and exact by definition
         x = self.embed(x)
         for block in self.blocks:
-            x = block(x)
-        x = self.ln_final(x)
+            x = block.forward(x)
+        x = self.ln_final.forward(x)
         return _bypass(self.hook_logits, self._head(x))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -501,10 +506,14 @@ class HookedViT(HookedRootModule):
 
     @property
     def data_config(self) -> dict:
-        """timm's preprocessing for this model (input_size, mean, std, interpolation, crop)."""
+        """timm's preprocessing for this model (input_size, mean, std, interpolation, crop).
+
+        ``input_size`` always matches the built model, also when it was made without a pretrained config."""
         from timm.data import resolve_data_config
 
-        return resolve_data_config(model=self.vit)
+        config = resolve_data_config(model=self.vit)
+        config["input_size"] = (self.vit.patch_embed.proj.in_channels, *self.image_size)
+        return config
 
     @property
     def transform(self):
