@@ -74,6 +74,11 @@ def _active(point: HookPoint) -> bool:
     return bool(point._forward_hooks or point._backward_hooks)
 
 
+def _bypass_heads(point: HookPoint, x: torch.Tensor) -> torch.Tensor:
+    """Hook a timm [batch head pos d_head] tensor as TransformerLens' [batch pos head d_head]."""
+    return point(x.transpose(1, 2)).transpose(1, 2) if _active(point) else x
+
+
 class _HookNames(dict):
     """``mod_dict`` that answers an unknown name with the closest known hook names."""
 
@@ -241,22 +246,19 @@ class HookedAttention(_Wrapper):
         attn = self.target
         if not any(_active(p) for p in self._points):
             return attn(x)  # timm's own forward, fused when timm built it fused
+        hook_q, hook_k, hook_v, hook_scores, hook_pattern, hook_z = self._points
         B, N, _ = x.shape
         gate = attn.gate(x).sigmoid() if attn.gate is not None else None
         qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
-        # timm keeps [batch head pos d_head]; TransformerLens hooks see [batch pos head d_head].
-        q = _bypass(self.hook_q, q.transpose(1, 2)).transpose(1, 2)
-        k = _bypass(self.hook_k, k.transpose(1, 2)).transpose(1, 2)
-        v = _bypass(self.hook_v, v.transpose(1, 2)).transpose(1, 2)
-        if attn.fused_attn and not (_active(self.hook_attn_scores) or _active(self.hook_pattern)):
+        q, k, v = _bypass_heads(hook_q, q), _bypass_heads(hook_k, k), _bypass_heads(hook_v, v)
+        if attn.fused_attn and not (_active(hook_scores) or _active(hook_pattern)):
             z = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
         else:
-            scores = _bypass(self.hook_attn_scores, (q * attn.scale) @ k.transpose(-2, -1))
-            pattern = _bypass(self.hook_pattern, scores.softmax(dim=-1))
-            z = attn.attn_drop(pattern) @ v
-        z = _bypass(self.hook_z, z.transpose(1, 2))
+            scores = _bypass(hook_scores, (q * attn.scale) @ k.transpose(-2, -1))
+            z = attn.attn_drop(_bypass(hook_pattern, scores.softmax(dim=-1))) @ v
+        z = _bypass(hook_z, z.transpose(1, 2))
         out = attn.norm(z.reshape(B, N, attn.attn_dim))
         if gate is not None:
             out = out * gate
