@@ -209,9 +209,14 @@ class ViTConfig:
 
 
 class _Wrapper(nn.Module):
-    def __init__(self, target: nn.Module):
+    def __init__(self, target: nn.Module, layer_scale: Optional[nn.Module] = None):
         super().__init__()
         object.__setattr__(self, "target", target)
+        object.__setattr__(self, "layer_scale", layer_scale)
+
+    def _scaled(self, weight: torch.Tensor) -> torch.Tensor:
+        """Fold the block's LayerScale (if any) into an output weight or bias."""
+        return weight * self.layer_scale.gamma if isinstance(self.layer_scale, LayerScale) else weight
 
 
 class HookedNorm(_Wrapper):
@@ -233,14 +238,13 @@ class HookedNorm(_Wrapper):
 class HookedAttention(_Wrapper):
     """timm ``Attention`` with TransformerLens hooks; fused unless scores or pattern are hooked."""
 
-    def __init__(self, attn: Attention):
-        super().__init__(attn)
+    _HOOKS = ("hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z")
+
+    def __init__(self, attn: Attention, layer_scale: Optional[nn.Module] = None):
+        super().__init__(attn, layer_scale)
         for name in self._HOOKS:
             setattr(self, name, HookPoint())
-
         object.__setattr__(self, "_points", tuple(getattr(self, n) for n in self._HOOKS))
-
-    _HOOKS = ("hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attn = self.target
@@ -264,32 +268,25 @@ class HookedAttention(_Wrapper):
             out = out * gate
         return attn.proj_drop(attn.proj(out))
 
-    def _output_scale(self) -> Optional[torch.Tensor]:
-        ls = self.block_ls
-        return ls.gamma if isinstance(ls, LayerScale) else None
-
     @property
     def W_O(self) -> torch.Tensor:
         """[head d_head d_model]: each head's output map, LayerScale folded in (pre-norm blocks)."""
         attn = self.target
-        w = attn.proj.weight.T
-        if (gamma := self._output_scale()) is not None:
-            w = w * gamma
-        return w.reshape(attn.num_heads, attn.head_dim, -1)
+        return self._scaled(attn.proj.weight.T).reshape(attn.num_heads, attn.head_dim, -1)
 
     @property
     def b_O(self) -> torch.Tensor:
         """[d_model]: the output bias, LayerScale folded in."""
         proj = self.target.proj
-        b = proj.bias if proj.bias is not None else torch.zeros(proj.out_features, device=proj.weight.device)
-        return b * g if (g := self._output_scale()) is not None else b
+        bias = proj.bias if proj.bias is not None else torch.zeros(proj.out_features, device=proj.weight.device)
+        return self._scaled(bias)
 
 
 class HookedMlp(_Wrapper):
     """timm ``Mlp`` with ``hook_pre`` (fc1 output) and ``hook_post`` (after the activation)."""
 
-    def __init__(self, mlp: Mlp):
-        super().__init__(mlp)
+    def __init__(self, mlp: Mlp, layer_scale: Optional[nn.Module] = None):
+        super().__init__(mlp, layer_scale)
         self.hook_pre = HookPoint()
         self.hook_post = HookPoint()
 
@@ -298,10 +295,6 @@ class HookedMlp(_Wrapper):
         x = _bypass(self.hook_pre, mlp.fc1(x))
         x = _bypass(self.hook_post, mlp.act(x))
         return mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(x))))
-
-    def _output_scale(self) -> Optional[torch.Tensor]:
-        ls = self.block_ls
-        return ls.gamma if isinstance(ls, LayerScale) else None
 
     @property
     def W_in(self) -> torch.Tensor:
@@ -315,13 +308,11 @@ class HookedMlp(_Wrapper):
     @property
     def W_out(self) -> torch.Tensor:
         """[d_mlp d_model]: the MLP values (fc2 columns), LayerScale folded in (pre-norm blocks)."""
-        w = self.target.fc2.weight.T
-        return w * g if (g := self._output_scale()) is not None else w
+        return self._scaled(self.target.fc2.weight.T)
 
     @property
     def b_out(self) -> torch.Tensor:
-        b = self.target.fc2.bias
-        return b * g if (g := self._output_scale()) is not None else b
+        return self._scaled(self.target.fc2.bias)
 
 
 class HookedBlock(_Wrapper):
@@ -336,15 +327,13 @@ class HookedBlock(_Wrapper):
         self.post_norm = isinstance(block, ResPostBlock)
         self.hook_resid_pre = HookPoint()
         self.ln1 = HookedNorm(block.norm1)
-        self.attn = HookedAttention(block.attn)
+        self.attn = HookedAttention(block.attn, getattr(block, "ls1", None))
         self.hook_attn_out = HookPoint()
         self.hook_resid_mid = HookPoint()
         self.ln2 = HookedNorm(block.norm2)
-        self.mlp = HookedMlp(block.mlp)
+        self.mlp = HookedMlp(block.mlp, getattr(block, "ls2", None))
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
-        object.__setattr__(self.attn, "block_ls", getattr(block, "ls1", None))
-        object.__setattr__(self.mlp, "block_ls", getattr(block, "ls2", None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The hook containers never carry hooks themselves (their HookPoints do): call .forward directly.
