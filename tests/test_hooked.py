@@ -53,6 +53,9 @@ def test_logits_equal_timm_bit_for_bit(family):
     name, vit, model = family
     x = images()
     assert torch.equal(model(x), vit(x)), name
+    # With hooks attached, HookedViT replays timm's forward module by module: still the same bits.
+    observe = [(lambda n: "attn.hook_" not in n, lambda t, hook: None)]
+    assert torch.equal(model.run_with_hooks(x, fwd_hooks=observe), vit(x)), name
 
 
 @torch.no_grad()
