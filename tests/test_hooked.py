@@ -283,3 +283,25 @@ def test_weights_have_one_owner_and_hash_tracks_them():
     h = model.weights_hash()
     assert h == HookedViT.from_timm(build("cls")).weights_hash()
     assert h != HookedViT.from_timm(build("cls", seed=1)).weights_hash()
+
+
+def test_backward_hooks_give_pattern_gradients():
+    """Gradient-based explanations (grad rollout, Chefer) read d logit / d pattern through bwd hooks."""
+    model = HookedViT.from_timm(build("cls"))
+    x = images()
+    kept, grads = {}, {}
+
+    def keep(pattern, hook):
+        pattern.retain_grad()
+        kept[hook.name] = pattern
+
+    def save_grad(grad, hook):
+        grads[hook.name] = grad
+
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(2)]
+    with model.hooks(fwd_hooks=[(n, keep) for n in names], bwd_hooks=[(n, save_grad) for n in names]):
+        model(x)[:, 3].sum().backward()
+    for name in names:
+        assert grads[name].abs().sum() > 0
+        torch.testing.assert_close(grads[name], kept[name].grad, atol=0, rtol=0)
+    assert all(not hp._forward_hooks and not hp._backward_hooks for hp in model.hook_dict.values())
