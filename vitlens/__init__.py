@@ -16,7 +16,12 @@ _EXPORTS = {
     "load_model": "vitlens.zoo",
     "WeightsNotFoundError": "vitlens.zoo",
     "ActivationStore": "vitlens.store",
-    "record": "vitlens.record",
+    "StoreMismatchError": "vitlens.store",
+    "CorruptShardError": "vitlens.store",
+    "NotRecordedError": "vitlens.store",
+    "record": "vitlens.recorder",
+    "Reducer": "vitlens.recorder",
+    "ClassRankReducer": "vitlens.recorder",
     "load_dataset": "vitlens.data",
 }
 

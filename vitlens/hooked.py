@@ -162,6 +162,11 @@ class TokenLayout:
         return asdict(self)
 
     @classmethod
+    def from_dict(cls, d: dict) -> "TokenLayout":
+        """Inverse of :meth:`to_dict` (also from JSON, where tuples became lists)."""
+        return cls(d["cls_index"], d["dist_index"], tuple(d["register_indices"]), d["n_prefix"], tuple(d["grid"]))
+
+    @classmethod
     def from_timm(cls, vit: VisionTransformer) -> "TokenLayout":
         has_cls = getattr(vit, "cls_token", None) is not None
         has_dist = getattr(vit, "dist_token", None) is not None
@@ -415,6 +420,7 @@ class HookedViT(HookedRootModule):
     def setup(self):
         super().setup()
         self.mod_dict = _HookNames(self.mod_dict)
+        self.hook_dict = _HookNames(self.hook_dict)
         self._hook_points = tuple(self.hook_dict.values())
 
     def _make_cfg(self) -> ViTConfig:

@@ -1,0 +1,159 @@
+"""Recorder throughput against its two ceilings: the disk (dd) and the model's plain forward.
+
+vit_base_patch16_224 (timm, random init) over in-memory random images, measured in one run:
+
+1. the plain eager forward (images/s), bf16 autocast on CUDA, fp32 on CPU;
+2. the disk write bandwidth with ``dd ... conv=fdatasync`` in the store's folder;
+3. recording ``hook_resid_post`` of all 12 layers, all tokens, in float16: images/s, GB/s, and
+   throughput / min(dd bandwidth in images/s, forward images/s)   (goal >= 0.8);
+4. recording only the CLS token of those hooks plus the class-rank reducer:
+   throughput / forward throughput                                  (goal >= 0.9).
+
+On CUDA it also checks that the first recorded batch equals ``run_with_cache`` under the same autocast.
+
+    python bench/record_throughput.py                     # CPU: 24 images, batch 4 (about 2 minutes)
+    python bench/record_throughput.py --images 8192 --batch-size 256 --num-workers 8   # one GPU
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import timm
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import vitlens
+from vitlens import HookedViT
+from vitlens.recorder import ClassRankReducer
+
+HOOKS = "blocks.*.hook_resid_post"
+
+
+class RandomImages(Dataset):
+    """`n` items cycling through a pool of random 3x224x224 images (no decoding: the recorder is measured)."""
+
+    def __init__(self, n: int, pool: int = 64):
+        self.images = torch.randn(min(n, pool), 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        self.samples = pd.DataFrame({"sample_id": [f"random{i:06d}" for i in range(n)],
+                                     "label": [i % 1000 for i in range(n)]})
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.images[index % len(self.images)], "label": index % 1000,
+                "sample_id": self.samples.sample_id[index], "index": index}
+
+
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def forward_rate(model, dataset, args, device, autocast) -> float:
+    """Images/s of the plain forward over the same DataLoader (after one warm-up batch)."""
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+                        pin_memory=device.type == "cuda")
+    amp = torch.autocast(device.type, dtype=autocast, enabled=autocast is not None)
+
+    def run(batches):
+        with torch.inference_mode(), amp:
+            for batch in batches:
+                model(batch["image"].to(device, non_blocking=True))
+
+    run([next(iter(loader))])
+    return len(dataset) / timed(lambda: run(loader), device)
+
+
+def dd_bandwidth(folder: Path, n_bytes: int) -> float:
+    """Bytes/s of ``dd if=/dev/zero bs=1M conv=fdatasync`` writing `n_bytes` into `folder`."""
+    target = folder / "dd.bin"
+    count = max(256, n_bytes >> 20)
+    result = subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=1M", f"count={count}", "conv=fdatasync"],
+                            capture_output=True, text=True, check=True)
+    target.unlink()
+    match = re.search(r"(\d+) bytes .* copied, ([\d.]+) s", result.stderr)
+    return int(match.group(1)) / float(match.group(2))
+
+
+def store_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in (path / "shards").glob("*.h5"))
+
+
+def check_first_batch(model, store, dataset, args, device, autocast) -> float:
+    """Max |stored - run_with_cache| over the first batch (same batch, same autocast)."""
+    images = torch.stack([dataset[i]["image"] for i in range(args.batch_size)]).to(device)
+    names = list(store.keys())
+    with torch.inference_mode(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        _, cache = model.run_with_cache(images, names_filter=names)
+    return max((torch.from_numpy(store[n][:args.batch_size]).float() - cache[n].half().float().cpu()).abs().max().item()
+               for n in names)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=None, help="default: 24 on CPU, 8192 on CUDA")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 4 on CPU, 256 on CUDA")
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dir", type=Path, default=None, help="where to write the stores (default: a temp dir)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    args.images = args.images or (8192 if cuda else 24)
+    args.batch_size = args.batch_size or (256 if cuda else 4)
+    autocast = torch.bfloat16 if cuda else None
+    if not cuda:
+        torch.set_num_threads(1)
+
+    model = HookedViT.from_timm(timm.create_model("vit_base_patch16_224", pretrained=False),
+                                tag="vit_base_patch16_224-random").to(device)
+    model.weights_hash()  # cached: not part of any timing
+    dataset = RandomImages(args.images)
+    folder = Path(tempfile.mkdtemp(prefix="vitlens-bench-", dir=args.dir))
+    options = dict(batch_size=args.batch_size, device=device, num_workers=args.num_workers, autocast=autocast,
+                   progress=False)
+    print(f"vit_base_patch16_224 on {device} ({'bf16 autocast' if cuda else 'fp32, 1 thread'}), "
+          f"{args.images} images, batch {args.batch_size}, stores in {folder}")
+    try:
+        forward = forward_rate(model, dataset, args, device, autocast)
+        print(f"plain forward           {forward:10.1f} images/s")
+
+        all_tokens = folder / "all_tokens"
+        seconds = timed(lambda: vitlens.record(model, dataset, all_tokens, hooks=HOOKS, **options), device)
+        n_bytes = store_bytes(all_tokens)
+        disk = dd_bandwidth(folder, n_bytes)
+        disk_rate = disk / (n_bytes / args.images)
+        rate = args.images / seconds
+        print(f"dd (bs=1M, fdatasync)   {disk / 1e9:10.2f} GB/s = {disk_rate:.1f} images/s of 12 x 197 x 768 fp16")
+        print(f"record all tokens       {rate:10.1f} images/s  {n_bytes / seconds / 1e9:.2f} GB/s  "
+              f"ratio to min(dd, forward) {rate / min(disk_rate, forward):.2f} (goal >= 0.8)")
+        if cuda:
+            with vitlens.ActivationStore(all_tokens) as store:
+                diff = check_first_batch(model, store, dataset, args, device, autocast)
+            print(f"first batch vs run_with_cache: max |diff| {diff:.3g}")
+        shutil.rmtree(all_tokens)
+
+        cls_ranks = folder / "cls_ranks"
+        seconds = timed(lambda: vitlens.record(model, dataset, cls_ranks, hooks=HOOKS, tokens="cls",
+                                               reducers=[ClassRankReducer()], **options), device)
+        rate = args.images / seconds
+        print(f"record CLS + class rank {rate:10.1f} images/s  ratio to forward {rate / forward:.2f} (goal >= 0.9)")
+    finally:
+        shutil.rmtree(folder)
+
+
+if __name__ == "__main__":
+    main()

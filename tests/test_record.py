@@ -1,0 +1,254 @@
+"""The recorder: kill -9 and resume, two writers, a full disk, a read-only directory, bad hooks, reducers."""
+import errno
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers.tiny import SyntheticImages, assert_same_store, record_tiny, tiny_model
+
+import vitlens
+from vitlens import ActivationStore, UnknownHookError
+from vitlens.cli import main
+from vitlens.recorder import ClassRankReducer, _Capture
+from vitlens.store import ShardWriter
+
+TESTS = Path(__file__).parent
+BATCH, SHARD = 4, 8
+
+
+def start_recorder(path, *args, env=None) -> subprocess.Popen:
+    """`python -m helpers.record_tiny PATH ...` in a subprocess (stdout: "recording", then "done")."""
+    return subprocess.Popen([sys.executable, "-m", "helpers.record_tiny", str(path), *args], cwd=TESTS,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen) -> None:
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted single-process recordings of 800 and of 40 synthetic images."""
+    root = tmp_path_factory.mktemp("reference")
+    record_tiny(root / "800", SyntheticImages(800), batch_size=BATCH, shard_size=SHARD).close()
+    record_tiny(root / "40", SyntheticImages(40), batch_size=BATCH, shard_size=SHARD).close()
+    return root
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_resume_is_bitwise_uninterrupted(tmp_path, reference):
+    path, rng, kills = tmp_path / "killed", random.Random(0), 0
+    for attempt in range(20):
+        if kills == 5:
+            break
+        process = start_recorder(path, "--n", "800", "--delay", "0.003")
+        assert process.stdout.readline() == "recording\n", process.stderr.read()
+        time.sleep(rng.uniform(0.0, 0.4))
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.communicate()
+        if (path / "store.json").exists():
+            ActivationStore(path).close()  # every shard on disk is complete and readable
+    assert kills == 5, "the recording finished before it could be killed 5 times"
+    assert not ActivationStore(path).done.all(), "the kills should leave work to resume"
+    finish(start_recorder(path, "--n", "800"))
+    assert_same_store(path, reference / "800")
+    assert not list((path / "shards").glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_two_writers_give_the_same_store_as_one(tmp_path, reference):
+    path = tmp_path / "two"
+    writers = [start_recorder(path, "--n", "40", env={"RANK": str(rank), "WORLD_SIZE": "2"}) for rank in (1, 0)]
+    for writer in writers:
+        finish(writer)
+    assert_same_store(path, reference / "40")
+
+
+def test_resume_after_an_exception_mid_shard(tmp_path, reference, monkeypatch, capsys):
+    path, dataset = tmp_path / "store", SyntheticImages(40)
+    calls = iter(range(100))  # call 0 probes the shapes, then one call per batch of 4
+    original_run = _Capture.run
+    monkeypatch.setattr(_Capture, "run", lambda self, *a: original_run(self, *a) if next(calls) != 8 else 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        record_tiny(path, dataset, batch_size=BATCH, shard_size=SHARD)
+    assert sorted(p.name for p in (path / "shards").iterdir()) == [f"shard_0000{i}.h5" for i in range(3)]
+    monkeypatch.undo()
+    record_tiny(path, dataset, batch_size=BATCH, shard_size=SHARD, progress=True)
+    captured = capsys.readouterr()
+    assert "24 of 40 samples already recorded" in captured.out + captured.err
+    assert_same_store(path, reference / "40")
+
+
+def fail_on_shard(shard: int):
+    """A `ShardWriter.write` that finds the disk full on the second batch of shard `shard`."""
+    write = ShardWriter.write
+
+    def write_or_fill_up(self, offset, arrays):
+        if self.shard == shard and offset > 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write(self, offset, arrays)
+
+    return write_or_fill_up
+
+
+def test_full_disk_keeps_complete_shards_and_resumes(tmp_path, reference, monkeypatch):
+    path, dataset = tmp_path / "store", SyntheticImages(40)
+    monkeypatch.setattr(ShardWriter, "write", fail_on_shard(2))
+    with pytest.raises(OSError, match="disk full while writing shard 2.*2 complete shard.*intact.*resume") as info:
+        record_tiny(path, dataset, batch_size=BATCH, shard_size=SHARD)
+    assert info.value.errno == errno.ENOSPC
+    shards = {p.name: p.read_bytes() for p in (path / "shards").iterdir()}
+    assert sorted(shards) == ["shard_00000.h5", "shard_00001.h5"]  # no temporary file left
+    monkeypatch.undo()
+    record_tiny(path, dataset, batch_size=BATCH, shard_size=SHARD)
+    assert_same_store(path, reference / "40")
+    assert all((path / "shards" / name).read_bytes() == data for name, data in shards.items())
+
+
+@contextmanager
+def small_filesystem(folder: Path, size: str):
+    """A real tmpfs of `size` mounted at `folder` (skips the test where mounting is not allowed)."""
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root with CAP_SYS_ADMIN)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_really_full_disk(tmp_path, reference):
+    dataset = SyntheticImages(40)
+    with small_filesystem(tmp_path / "small", "160k") as small:
+        with pytest.raises(OSError, match="disk full") as info:
+            record_tiny(small / "store", dataset, batch_size=BATCH, shard_size=SHARD)
+        assert info.value.errno == errno.ENOSPC
+        assert not list((small / "store" / "shards").glob("*.tmp"))
+        with ActivationStore(small / "store") as store:
+            done = int(store.done.sum())
+        shutil.copytree(small / "store", tmp_path / "moved")
+    assert 0 < done < 40
+    record_tiny(tmp_path / "moved", dataset, batch_size=BATCH, shard_size=SHARD)
+    assert_same_store(tmp_path / "moved", reference / "40")
+
+
+@contextmanager
+def read_only(folder: Path):
+    """Make `folder` really read-only: chmod for users; for root (whom chmod does not stop), chattr +i."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        undo = lambda: folder.chmod(0o755)  # noqa: E731
+    else:
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)]).returncode:
+            pytest.skip("cannot make a directory read-only for root here (chattr +i)")
+        undo = lambda: subprocess.run(["chattr", "-i", str(folder)], check=True)  # noqa: E731
+    try:
+        yield folder
+    finally:
+        undo()
+
+
+def test_read_only_directory_fails_before_compute_and_stays_readable(tmp_path, reference, monkeypatch):
+    path, dataset = tmp_path / "store", SyntheticImages(40)
+    half = record_tiny(path, dataset, batch_size=BATCH, shard_size=SHARD, rank=0, world_size=2)
+    expected = half["hook_logits"][0:8]
+    half.close()
+    (path / "index.h5").unlink()
+    monkeypatch.setattr(_Capture, "run", lambda *a: pytest.fail("computed before checking the directory"))
+    with read_only(path):
+        with pytest.raises(PermissionError, match=f"cannot write to {path}.*nothing was computed"):
+            record_tiny(path, dataset, batch_size=BATCH, shard_size=SHARD)
+        with ActivationStore(path) as store:  # the index is rebuilt in memory
+            np.testing.assert_array_equal(store["hook_logits"][0:8], expected)
+    assert not (path / "index.h5").exists()
+    with read_only(tmp_path):
+        with pytest.raises(PermissionError, match="nothing was computed"):
+            record_tiny(tmp_path / "new", dataset, batch_size=BATCH, shard_size=SHARD)
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    record_tiny(path, dataset, batch_size=BATCH, shard_size=SHARD)
+    assert_same_store(path, reference / "40")
+
+
+@pytest.mark.parametrize("hooks, tokens, error, message", [
+    (["blocks.0.hook_resid_pots"], "all", UnknownHookError, "blocks.0.hook_resid_post"),
+    (["blocks.*.hook_nothing"], "all", UnknownHookError, "no hook matches 'blocks.*.hook_nothing'"),
+    (["blocks.0"], "all", UnknownHookError, "not a hook point"),
+    (["hook_logits"], "cls", ValueError, "hook_logits has no token axis"),
+    (["blocks.0.hook_resid_post"], [3, 99], ValueError, r"indices in \[0, 17\)"),
+])
+def test_bad_hooks_and_tokens_fail_before_anything_is_written(tmp_path, hooks, tokens, error, message):
+    with pytest.raises(error, match=message):
+        vitlens.record(tiny_model(), SyntheticImages(8), tmp_path / "store", hooks=hooks, tokens=tokens)
+    with pytest.raises(UnknownHookError, match="hook_resid_post"):
+        vitlens.record(tiny_model(), SyntheticImages(8), tmp_path / "store",
+                       reducers=[ClassRankReducer(hook="hook_resid_pots")])
+    assert not (tmp_path / "store").exists()
+
+
+def test_token_selections(tmp_path):
+    model = tiny_model(reg_tokens=2)
+    dataset = SyntheticImages(8)
+    store = vitlens.record(model, dataset, tmp_path / "store", dtype="float32", progress=False, hooks={
+        "blocks.1.hook_resid_post": "cls", "blocks.0.hook_resid_post": "registers",
+        "blocks.0.mlp.hook_post": [0, 5, 18], "blocks.1.attn.hook_q": "patches"})
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(dataset.images, names_filter=list(store.keys()))
+    selected = {"blocks.1.hook_resid_post": [0], "blocks.0.hook_resid_post": [1, 2],
+                "blocks.0.mlp.hook_post": [0, 5, 18], "blocks.1.attn.hook_q": list(range(3, 19))}
+    for hook, tokens in selected.items():
+        assert store[hook].tokens == tuple(tokens)
+        np.testing.assert_array_equal(store[hook][:], cache[hook][:, tokens].numpy(), err_msg=hook)
+
+
+def test_class_rank_reducer_matches_the_projection_of_cached_residuals(tmp_path):
+    model, dataset = tiny_model(), SyntheticImages(16)
+    store = vitlens.record(model, dataset, tmp_path / "ranks", hooks="hook_logits", reducers=[ClassRankReducer()],
+                           dtype="float32", batch_size=16, progress=False)
+    ranks = store["class_rank"][:]
+    assert ranks.dtype == np.int16 and ranks.shape == (16, 2, 17)
+    labels = torch.tensor(dataset.samples.label)
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(dataset.images, names_filter=lambda name: name.endswith("resid_post"))
+        for layer in range(2):
+            logits = model.unembed(cache["resid_post", layer])  # [b pos classes]
+            label_logit = logits[torch.arange(16), :, labels][..., None]
+            np.testing.assert_array_equal(ranks[:, layer], (logits > label_logit).sum(-1).numpy())
+    final = store["hook_logits"][:]
+    expected_cls_rank = (final > final[np.arange(16), labels.numpy()][:, None]).sum(-1)
+    np.testing.assert_array_equal(ranks[:, -1, 0], expected_cls_rank)  # CLS of the last layer = the logits
+    assert store.outputs["class_rank"].reducer == {"class": "ClassRankReducer", "hook": "hook_resid_post",
+                                                   "name": "class_rank"}
+
+
+def test_cli_record_then_info(tmp_path, monkeypatch, capsys, reference):
+    monkeypatch.setattr("vitlens.zoo.load_model", lambda name: tiny_model())
+    monkeypatch.setattr("vitlens.data.load_dataset", lambda name, split, model, n_per_class: SyntheticImages(40))
+    args = ["record", "tiny", "synthetic", str(tmp_path / "cli"), "--hook", "blocks.*.hook_resid_post",
+            "--hook", "blocks.0.attn.hook_pattern=cls", "--hook", "hook_logits", "--class-rank", "--dtype",
+            "float32", "--batch-size", "4", "--shard-size", "8", "--num-workers", "0", "--no-progress"]
+    assert main(args) == 0
+    assert "40 of 40 recorded" in capsys.readouterr().out
+    assert_same_store(tmp_path / "cli", reference / "40")
+    assert main([arg.replace("float32", "float16") for arg in args]) == 1
+    assert "dtype differs" in capsys.readouterr().err
+    for command in (["--help"], ["record", "--help"], ["store", "--help"], ["store", "info", "--help"],
+                    ["store", "rebuild", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(command)
+        assert exit_info.value.code == 0
+        assert "usage: vitlens" in capsys.readouterr().out

@@ -1,0 +1,206 @@
+"""ActivationStore: lazy reads against run_with_cache, the index, corrupt shards and mismatched models."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from helpers.tiny import HOOKS, SyntheticImages, assert_same_store, record_tiny, tiny_model
+
+import vitlens
+from vitlens import ActivationStore
+from vitlens.cli import main
+from vitlens.store import CorruptShardError, NotRecordedError, StoreMismatchError
+
+N, BATCH, SHARD = 40, 4, 8
+RECORDED = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern", "hook_logits"]
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return SyntheticImages(N)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory, dataset):
+    """A complete float32 store (HOOKS + class ranks); tests copy it before changing anything."""
+    path = tmp_path_factory.mktemp("store") / "tiny"
+    record_tiny(path, dataset, batch_size=BATCH, shard_size=SHARD).close()
+    return path
+
+
+@pytest.fixture
+def store_copy(recorded, tmp_path):
+    path = tmp_path / "tiny"
+    shutil.copytree(recorded, path)
+    return path
+
+
+def cached_batches(model, dataset):
+    """run_with_cache of the recorded hooks on the recorder's own batches: (rows, cache) pairs."""
+    for start in range(0, N, BATCH):
+        rows = slice(start, start + BATCH)
+        images = dataset.images[rows]
+        with torch.inference_mode():
+            yield rows, model.run_with_cache(images, names_filter=RECORDED)[1]
+
+
+def test_reads_equal_run_with_cache_float32(recorded, model, dataset):
+    store = ActivationStore(recorded, model=model)
+    for rows, cache in cached_batches(model, dataset):
+        for hook in ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "hook_logits"]:
+            np.testing.assert_array_equal(store[hook][rows], cache[hook].numpy(), err_msg=hook)
+        cls_queries = cache["blocks.0.attn.hook_pattern"][:, :, :1]
+        np.testing.assert_array_equal(store["blocks.0.attn.hook_pattern"][rows], cls_queries.numpy())
+    assert store["blocks.0.attn.hook_pattern"].tokens == (0,)
+
+
+def test_reads_float16_within_rounding(tmp_path, model, dataset):
+    store = vitlens.record(model, dataset, tmp_path / "fp16", hooks="blocks.*.hook_resid_post", batch_size=BATCH,
+                           shard_size=SHARD, progress=False)
+    for rows, cache in cached_batches(model, dataset):
+        for layer in range(2):
+            stored, exact = store[f"blocks.{layer}.hook_resid_post"][rows], cache["resid_post", layer].numpy()
+            assert stored.dtype == np.float16
+            np.testing.assert_allclose(stored.astype(np.float32), exact, rtol=2 ** -11, atol=2 ** -24)
+
+
+def test_lazy_indexing(recorded, model):
+    store = ActivationStore(recorded)
+    array = store["blocks.1.hook_resid_post"]
+    full = array[:]
+    assert array.shape == full.shape == (N, 17, 32) and len(array) == N
+    patches = model.tokens("patches")
+    np.testing.assert_array_equal(array[4:9, patches], full[4:9, patches.numpy()])
+    np.testing.assert_array_equal(array[[7, 2, 2, 30]], full[[7, 2, 2, 30]])  # unsorted, repeated
+    np.testing.assert_array_equal(array[[7, 2], [0, 3], 5], full[[7, 2]][:, [0, 3], 5])
+    np.testing.assert_array_equal(array[-1, ..., 0], full[-1, :, 0])
+    np.testing.assert_array_equal(array[np.arange(N) % 3 == 0, 0], full[::3, 0])
+    with pytest.raises(IndexError):
+        array[N]
+
+
+def test_samples_done_chunks(recorded, dataset):
+    store = ActivationStore(recorded)
+    assert len(store) == N and store.done.all()
+    assert store.samples.equals(dataset.samples)
+    chunks = list(store.iter_chunks("class_rank", 16))
+    assert [start for start, _ in chunks] == [0, 16, 32]
+    np.testing.assert_array_equal(np.concatenate([c for _, c in chunks]), store["class_rank"][:])
+    cls_only = np.concatenate([c for _, c in store.iter_chunks("blocks.1.hook_resid_post", 16, tokens=[0])])
+    np.testing.assert_array_equal(cls_only, store["blocks.1.hook_resid_post"][:, [0]])
+    assert store.meta["layout"]["grid"] == [4, 4] and store.meta["model"]["tag"] == "tiny-test"
+    assert set(store.meta["versions"]) >= {"vitlens", "torch", "timm", "h5py"}
+
+
+def test_cache_for_is_an_activation_cache(recorded, model, dataset):
+    store = ActivationStore(recorded)
+    cache = store.cache_for(5, model)
+    assert isinstance(cache, vitlens.ActivationCache)
+    assert set(cache.keys()) == {"blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "hook_logits"}
+    rows, run_cache = next((rows, c) for rows, c in cached_batches(model, dataset) if rows.start <= 5 < rows.stop)
+    assert torch.equal(cache["resid_post", 1], run_cache["resid_post", 1][5 - rows.start][None])
+
+
+def test_partial_store_raises_for_missing_samples(tmp_path, dataset):
+    store = record_tiny(tmp_path / "half", dataset, batch_size=BATCH, shard_size=SHARD, rank=0, world_size=2)
+    assert store.done.tolist() == [s // SHARD % 2 == 0 for s in range(N)]
+    assert store["hook_logits"][0:8].shape == (8, 10)
+    for key in (8, slice(6, 10), [0, 9]):
+        with pytest.raises(NotRecordedError, match="not recorded yet.*Resume"):
+            store["hook_logits"][key]
+    with pytest.raises(NotRecordedError):
+        list(store.iter_chunks("hook_logits", 8))
+
+
+def test_index_rebuilds_from_shards_and_metadata(store_copy, recorded, capsys):
+    (store_copy / "index.h5").unlink()
+    assert main(["store", "rebuild", str(store_copy)]) == 0
+    assert "40 of 40 samples in 5 shards" in capsys.readouterr().out
+    assert_same_store(store_copy, recorded)
+    (store_copy / "index.h5").write_bytes(b"garbage")  # a damaged index is rebuilt on open
+    assert_same_store(store_copy, recorded)
+    assert main(["store", "info", str(store_copy)]) == 0
+    assert "blocks.0.attn.hook_pattern" in capsys.readouterr().out
+
+
+def test_store_can_move(store_copy, recorded, tmp_path):
+    moved = tmp_path / "elsewhere" / "store"
+    shutil.move(store_copy, moved)
+    assert_same_store(moved, recorded)
+
+
+def test_truncated_shard_is_named_and_resume_repairs_it(store_copy, recorded, dataset):
+    shard = store_copy / "shards" / "shard_00001.h5"
+    others = {p.name: p.read_bytes() for p in (store_copy / "shards").iterdir() if p != shard}
+    shard.write_bytes(shard.read_bytes()[:5000])
+    with pytest.raises(CorruptShardError, match="shard_00001.h5.*truncated.*Delete"):
+        ActivationStore(store_copy)
+    with pytest.raises(CorruptShardError, match="shard_00001.h5"):
+        record_tiny(store_copy, dataset, batch_size=BATCH, shard_size=SHARD)
+    assert main(["store", "rebuild", str(store_copy)]) == 1
+    assert others == {p.name: p.read_bytes() for p in (store_copy / "shards").iterdir() if p != shard}
+    shard.unlink()
+    record_tiny(store_copy, dataset, batch_size=BATCH, shard_size=SHARD)
+    assert_same_store(store_copy, recorded)
+
+
+def test_shard_of_another_store_is_rejected(store_copy, tmp_path, dataset):
+    other = record_tiny(tmp_path / "other", dataset, batch_size=BATCH, shard_size=SHARD).shard_path(2)
+    shutil.copy(other, store_copy / "shards" / other.name)
+    with pytest.raises(CorruptShardError, match="shard_00002.h5 belongs to another store"):
+        ActivationStore(store_copy)
+
+
+def snapshot(path):
+    """store.json and the shards (index.h5 is derived: any open may rebuild it)."""
+    files = [path / "store.json", *sorted((path / "shards").iterdir())]
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(model=tiny_model(seed=1)), r"weights hash differs: store [0-9a-f]{12}.*, request [0-9a-f]{12}"),
+    (dict(model=tiny_model(tag="other-tag")), "model tag differs: store 'tiny-test', request 'other-tag'"),
+    (dict(dataset=SyntheticImages(N, seed=1)), r"sample list differs at label\[\d+\]: store \d+, request \d+"),
+    (dict(dataset=SyntheticImages(N + 8)), "sample list differs at sample_id: store 40 entries, request 48 entries"),
+    (dict(hooks="blocks.*.hook_resid_pre"),
+     r"output set differs at blocks.0.hook_resid_post: store \{.*, request absent"),
+    (dict(dtype="float16"), "dtype differs: store 'float32', request 'float16'"),
+    (dict(shard_size=16), "shard size differs: store 8, request 16"),
+])
+def test_resuming_with_something_else_is_refused(store_copy, dataset, change, message):
+    for shard in (store_copy / "shards").glob("shard_0000[24].h5"):  # leave work to do: still nothing is written
+        shard.unlink()
+    before = snapshot(store_copy)
+    options = dict(model=tiny_model(), dataset=dataset, hooks=HOOKS, dtype="float32", shard_size=SHARD)
+    options.update(change)
+    model, data = options.pop("model"), options.pop("dataset")
+    with pytest.raises(StoreMismatchError, match=message + ".*use a new path"):
+        vitlens.record(model, data, store_copy, batch_size=BATCH, progress=False, **options)
+    assert snapshot(store_copy) == before
+
+
+def test_resuming_without_the_autocast_of_the_store_is_refused(tmp_path, dataset):
+    record_tiny(tmp_path / "bf16", dataset, batch_size=BATCH, shard_size=SHARD, autocast=torch.bfloat16).close()
+    with pytest.raises(StoreMismatchError, match="autocast differs: store 'bfloat16', request None"):
+        record_tiny(tmp_path / "bf16", dataset, batch_size=BATCH, shard_size=SHARD)
+
+
+def test_preprocessing_mismatch(store_copy, dataset):
+    other = SyntheticImages(N)
+    other.data_config = {**tiny_model().data_config, "crop_pct": 0.5}
+    with pytest.raises(StoreMismatchError, match="preprocessing differs at crop_pct: store 0.875, request 0.5"):
+        record_tiny(store_copy, other, batch_size=BATCH, shard_size=SHARD)
+
+
+def test_opening_with_another_model_is_refused(recorded):
+    with pytest.raises(StoreMismatchError, match="weights hash differs.*open it with the model it was recorded"):
+        ActivationStore(recorded, model=tiny_model(seed=1))
+    with pytest.raises(KeyError, match="did you mean"):
+        ActivationStore(recorded)["blocks.1.hook_resid_pots"]
+    with pytest.raises(FileNotFoundError, match="no vitlens store"):
+        ActivationStore(recorded.parent / "missing")
