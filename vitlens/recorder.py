@@ -119,9 +119,7 @@ def resolve_hooks(model, hooks, tokens: str | Sequence[int] = "all") -> dict[str
 
 def _expand(model, pattern: str) -> list[str]:
     if not any(c in pattern for c in "*?["):
-        if pattern not in model.hook_dict:
-            model.mod_dict[pattern]  # raises UnknownHookError naming the closest hooks
-            raise UnknownHookError(f"{pattern!r} is a module, not a hook point; see model.hook_dict")
+        model.hook_dict[pattern]  # raises UnknownHookError naming the closest hooks
         return [pattern]
     names = fnmatch.filter(model.hook_dict, pattern)
     if not names:
