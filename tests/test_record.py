@@ -187,7 +187,7 @@ def test_read_only_directory_fails_before_compute_and_stays_readable(tmp_path, r
 @pytest.mark.parametrize("hooks, tokens, error, message", [
     (["blocks.0.hook_resid_pots"], "all", UnknownHookError, "blocks.0.hook_resid_post"),
     (["blocks.*.hook_nothing"], "all", UnknownHookError, "no hook matches 'blocks.*.hook_nothing'"),
-    (["blocks.0"], "all", UnknownHookError, "not a hook point"),
+    (["blocks.0"], "all", UnknownHookError, "Unknown hook name .blocks.0."),
     (["hook_logits"], "cls", ValueError, "hook_logits has no token axis"),
     (["blocks.0.hook_resid_post"], [3, 99], ValueError, r"indices in \[0, 17\)"),
 ])

@@ -1,0 +1,96 @@
+"""What the datasets share: preprocessing from a timm data config, image reading, and the item dict."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+from timm.data import create_transform, resolve_data_config
+from torch.utils.data import Dataset
+
+from .masks import MASK_RESIZE_MODES, decode_segmentation, input_box, token_mask
+
+DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+SAMPLE_COLUMNS = ["sample_id", "label", "class", "name", "image_path", "mask_path", "seg_id"]
+
+
+def default_data_config() -> dict:
+    """timm's default ImageNet preprocessing: 224 px, bicubic, crop_pct 0.875, centre crop, ImageNet mean/std."""
+    return resolve_data_config(pretrained_cfg={"input_size": (3, 224, 224)})
+
+
+def resolve_preprocessing(model=None, data_config: dict | None = None, transform: Callable | None = None,
+                          grid: tuple[int, int] | None = None):
+    """Pick the data config, image transform and token grid.
+
+    `model` supplies `model.data_config` (a timm data-config dict) and `model.layout.grid` (tokens (h, w));
+    explicit `data_config`, `transform` and `grid` win over the model's. The data config also fixes the mask
+    geometry; a bare `transform` without any data config is taken to show the whole image (no crop).
+    Returns (data_config or None, transform, grid or None).
+    """
+    if model is not None:
+        data_config = data_config if data_config is not None else model.data_config
+        grid = grid if grid is not None else model.layout.grid
+    if data_config is None and transform is None:
+        data_config = default_data_config()
+    if transform is None:
+        transform = create_transform(**{k: data_config[k] for k in DATA_CONFIG_KEYS if k in data_config})
+    return data_config, transform, (tuple(int(g) for g in grid) if grid is not None else None)
+
+
+def load_rgb(path: Path | str) -> Image.Image:
+    """Read an image as RGB (grayscale, palette and RGBA images are converted); a bad file names its path."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file {path} does not exist") from None
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+        raise ValueError(f"cannot read image {path}: {error}; expected a readable image file (JPEG, PNG, ...)") \
+            from error
+
+
+class ImageDataset(Dataset):
+    """Items built from the rows of `self.samples` (columns `SAMPLE_COLUMNS`, one row per item, in order).
+
+    An item is a dict: "image" float tensor (C, H, W) from the transform; "label" int (model output index);
+    "sample_id" str; "index" int (position in the dataset); and, when the sample has a mask and a token grid is
+    known, "token_mask" float tensor (grid_h, grid_w) of the object (see `masks.token_mask`). The mask follows
+    the image's resize and crop (`masks.input_box` of the data config). All of it collates with the default
+    DataLoader collate.
+    """
+
+    def __init__(self, samples: pd.DataFrame, classes: list[str], *, data_config: dict | None,
+                 transform: Callable, grid: tuple[int, int] | None, mask_resize: str):
+        if mask_resize not in MASK_RESIZE_MODES:
+            raise ValueError(f"unknown mask_resize {mask_resize!r}; expected one of {MASK_RESIZE_MODES}")
+        self.samples = samples.reset_index(drop=True)[SAMPLE_COLUMNS]
+        self.classes = classes
+        self.data_config = data_config
+        self.transform = transform
+        self.grid = grid
+        self.mask_resize = mask_resize
+        self._rows = self.samples.to_dict("records")
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self._rows[index]
+        image = load_rgb(row["image_path"])
+        pixels = self.transform(image)
+        if not (isinstance(pixels, torch.Tensor) and pixels.ndim == 3 and pixels.is_floating_point()):
+            raise TypeError("the transform must return a float tensor (C, H, W); "
+                            f"got {type(pixels).__name__} {getattr(pixels, 'shape', '')}")
+        item = {"image": pixels, "label": int(row["label"]), "sample_id": row["sample_id"], "index": index}
+        if self.grid is not None and isinstance(row["mask_path"], str):
+            ids = decode_segmentation(row["mask_path"])
+            if ids.shape != (image.height, image.width):
+                raise ValueError(f"segmentation mask {row['mask_path']} is {ids.shape[1]}x{ids.shape[0]} but its "
+                                 f"image {row['image_path']} is {image.width}x{image.height}; expected equal sizes")
+            item["token_mask"] = token_mask(ids, int(row["seg_id"]), self.grid, input_box(ids.shape, self.data_config),
+                                            self.mask_resize)
+        return item
