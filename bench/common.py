@@ -1,7 +1,6 @@
 """Shared timing helpers for the bench scripts: pick the device, time interleaved repeats, print ratios."""
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Callable
 
@@ -23,7 +22,8 @@ def sync(device: torch.device) -> None:
 
 def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int = 5,
                      warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, the calls interleaved so drift hits all of them alike."""
+    """Seconds per call of each function: the fastest of `repeats` calls (noise on a shared machine only adds
+    time), the calls interleaved so that drift hits all of them alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -35,7 +35,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
             fn()
             sync(device)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: min(ts) for name, ts in times.items()}
 
 
 def print_ratio(label: str, value: float, goal: float) -> None:

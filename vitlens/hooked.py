@@ -74,6 +74,13 @@ def _active(point: HookPoint) -> bool:
     return bool(point._forward_hooks or point._backward_hooks)
 
 
+def _any_active(points: Sequence[HookPoint]) -> bool:
+    for point in points:  # a plain loop: any() over a generator costs more than the checks on tiny models
+        if point._forward_hooks or point._backward_hooks:
+            return True
+    return False
+
+
 def _bypass_heads(point: HookPoint, x: torch.Tensor) -> torch.Tensor:
     """Hook a timm [batch head pos d_head] tensor as TransformerLens' [batch pos head d_head]."""
     return point(x.transpose(1, 2)).transpose(1, 2) if _active(point) else x
@@ -231,13 +238,14 @@ class HookedNorm(_Wrapper):
         super().__init__(norm)
         self.hook_scale = HookPoint()
         self.hook_normalized = HookPoint()
+        object.__setattr__(self, "_points", (self.hook_scale, self.hook_normalized))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        norm = self.target
-        if isinstance(norm, nn.LayerNorm) and _active(self.hook_scale):
+        norm, (hook_scale, hook_normalized) = self.target, self._points
+        if _active(hook_scale) and isinstance(norm, nn.LayerNorm):
             # The fused layer_norm kernel does not expose its statistics; recompute them for the hook.
-            self.hook_scale((x.float().var(-1, keepdim=True, unbiased=False) + norm.eps).sqrt().to(x.dtype))
-        return _bypass(self.hook_normalized, norm(x))
+            hook_scale((x.float().var(-1, keepdim=True, unbiased=False) + norm.eps).sqrt().to(x.dtype))
+        return _bypass(hook_normalized, norm(x))
 
 
 class HookedAttention(_Wrapper):
@@ -253,7 +261,7 @@ class HookedAttention(_Wrapper):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attn = self.target
-        if not any(_active(p) for p in self._points):
+        if not _any_active(self._points):
             return attn(x)  # timm's own forward, fused when timm built it fused
         hook_q, hook_k, hook_v, hook_scores, hook_pattern, hook_z = self._points
         B, N, _ = x.shape
@@ -294,11 +302,12 @@ class HookedMlp(_Wrapper):
         super().__init__(mlp, layer_scale)
         self.hook_pre = HookPoint()
         self.hook_post = HookPoint()
+        object.__setattr__(self, "_points", (self.hook_pre, self.hook_post))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mlp = self.target
-        x = _bypass(self.hook_pre, mlp.fc1(x))
-        x = _bypass(self.hook_post, mlp.act(x))
+        mlp, (hook_pre, hook_post) = self.target, self._points
+        x = _bypass(hook_pre, mlp.fc1(x))
+        x = _bypass(hook_post, mlp.act(x))
         return mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(x))))
 
     @property
@@ -339,21 +348,28 @@ class HookedBlock(_Wrapper):
         self.mlp = HookedMlp(block.mlp, getattr(block, "ls2", None))
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
+        object.__setattr__(self, "_points", (self.hook_resid_pre, self.hook_attn_out, self.hook_resid_mid,
+                                             self.hook_mlp_out, self.hook_resid_post))
+        object.__setattr__(self, "_sublayers", (self.ln1.forward, self.attn.forward, self.ln2.forward,
+                                                self.mlp.forward))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The hook containers never carry hooks themselves (their HookPoints do): call .forward directly.
-        b, ln1, attn, ln2, mlp = self.target, self.ln1.forward, self.attn.forward, self.ln2.forward, self.mlp.forward
-        x = _bypass(self.hook_resid_pre, x)
+        b = self.target
+        # Plain-attribute access and direct .forward calls: the containers never carry hooks themselves (their
+        # HookPoints do), and nn.Module attribute lookup is a measurable cost on tiny models.
+        resid_pre, attn_out, resid_mid, mlp_out, resid_post = self._points
+        ln1, attn, ln2, mlp = self._sublayers
+        x = _bypass(resid_pre, x)
         if self.post_norm:  # x + drop_path(norm(sublayer(x)))
-            attn_out = b.drop_path1(ln1(attn(x)))
+            a = b.drop_path1(ln1(attn(x)))
         else:  # x + drop_path(ls(sublayer(norm(x))))
-            attn_out = b.drop_path1(b.ls1(attn(ln1(x))))
-        x = _bypass(self.hook_resid_mid, x + _bypass(self.hook_attn_out, attn_out))
+            a = b.drop_path1(b.ls1(attn(ln1(x))))
+        x = _bypass(resid_mid, x + _bypass(attn_out, a))
         if self.post_norm:
-            mlp_out = b.drop_path2(ln2(mlp(x)))
+            m = b.drop_path2(ln2(mlp(x)))
         else:
-            mlp_out = b.drop_path2(b.ls2(mlp(ln2(x))))
-        return _bypass(self.hook_resid_post, x + _bypass(self.hook_mlp_out, mlp_out))
+            m = b.drop_path2(b.ls2(mlp(ln2(x))))
+        return _bypass(resid_post, x + _bypass(mlp_out, m))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -409,6 +425,8 @@ class HookedViT(HookedRootModule):
         self.hook_pooled = HookPoint()
         self.hook_logits = HookPoint()
         self.cfg = self._make_cfg()
+        self._in_chans = vit.patch_embed.proj.in_channels
+        self._fixed_size = None if vit.dynamic_img_size else self.image_size
         self._weights_hash: Optional[str] = None
         self.setup()
 
@@ -444,7 +462,7 @@ class HookedViT(HookedRootModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images [batch chans height width] -> logits [batch n_classes], through every hook point."""
         self._check_input(x)
-        if not any(_active(point) for point in self._hook_points):
+        if not _any_active(self._hook_points):
             return self.vit(x)  # nothing to record or patch: timm's own forward, fastest and exact by definition
         x = self.embed(x)
         for block in self.blocks:
@@ -474,13 +492,13 @@ class HookedViT(HookedRootModule):
         return vit.head(pooled)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        chans = self.vit.patch_embed.proj.in_channels
+        chans = self._in_chans
         if x.ndim != 4 or x.shape[1] != chans:
             raise ValueError(
                 f"Expected images shaped [batch {chans} height width], got {tuple(x.shape)}. "
                 f"Preprocess with `model.transform` (grayscale images: convert to {chans} channels)."
             )
-        if not self.vit.dynamic_img_size and tuple(x.shape[-2:]) != self.image_size:
+        if self._fixed_size is not None and x.shape[-2:] != self._fixed_size:
             raise ValueError(
                 f"Expected {self.image_size[0]}x{self.image_size[1]} images, got {x.shape[-2]}x{x.shape[-1]}. "
                 "Resize with `model.transform`, or build the timm model with dynamic_img_size=True."
