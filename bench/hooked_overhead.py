@@ -58,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     device, dtype, batch = device_and_dtype()
     torch.manual_seed(0)
-    bench("tiny-scenes", load_model("tiny-scenes"), batch, device, dtype, args.repeats * 20)
+    bench("tiny-scenes", load_model("tiny-scenes"), batch, device, dtype, args.repeats * 100)
     vit_b = timm.create_model("vit_base_patch16_224", pretrained=False)
     bench("vit_base_patch16_224", HookedViT.from_timm(vit_b), batch, device, dtype, args.repeats)
 

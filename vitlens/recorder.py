@@ -88,7 +88,7 @@ class ClassRankReducer(Reducer):
         """[batch pos d_model] -> int16 [batch pos]."""
         logits = model.unembed(activation)
         label_logit = logits.gather(-1, labels.view(-1, 1, 1).expand(-1, logits.shape[1], 1))
-        return (logits > label_logit).sum(-1).to(torch.int16)
+        return torch.count_nonzero(logits > label_logit, dim=-1).to(torch.int16)
 
 
 def token_axis(hook: str) -> int | None:
