@@ -98,3 +98,17 @@ def test_zoo_names_are_timm_models():
         if not entry.bundled:
             assert timm.is_model(entry.timm_name), name
             assert entry.checkpoint_hint or timm.models.get_pretrained_cfg(entry.timm_name).hf_hub_id, name
+
+
+def test_authors_checkpoint_with_unused_heads(tmp_path):
+    """deit_ensemble_16: the authors' file holds extra heads (unused, as in vit-cls_emb); all model weights must be there."""
+    torch.manual_seed(0)
+    reference = timm.create_model("deit_base_patch16_224", pretrained=False, img_size=32, depth=1).eval()
+    state = {**reference.state_dict(), "transformerheads.0.weight": torch.zeros(3)}
+    torch.save(state, tmp_path / "deit_base_trm.pth")
+    model = load_model("deit_ensemble_16", checkpoint=tmp_path / "deit_base_trm.pth", img_size=32, depth=1)
+    assert_same_model(model, reference)
+    del state["head.weight"]
+    torch.save(state, tmp_path / "deit_base_trm.pth")
+    with pytest.raises(ValueError, match=r"missing \['head.weight'\]"):
+        load_model("deit_ensemble_16", checkpoint=tmp_path / "deit_base_trm.pth", img_size=32, depth=1)

@@ -43,6 +43,7 @@ class ZooEntry:
     note: str
     kwargs: dict = field(default_factory=dict)
     checkpoint_hint: Optional[str] = None  # weights that exist only as a file from the original authors
+    extra_keys: bool = False  # the authors' file also holds weights this architecture does not use
     bundled: Optional[str] = None  # folder under vitlens/zoo/
 
 
@@ -59,7 +60,8 @@ ZOO: dict[str, ZooEntry] = {
                              kwargs={"num_classes": 100},
                              checkpoint_hint="vit_base_patch16_224-CIFAR100.pt from the vit-cls_emb authors"),
     "deit_ensemble_16": ZooEntry("deit_base_patch16_224", "DeiT-B 'Refinement' model of Naseer et al. (CLS head only)",
-                                 checkpoint_hint="deit_base_trm.pth from Naseer et al.'s release"),
+                                 checkpoint_hint="deit_base_trm.pth from Naseer et al.'s release",
+                                 extra_keys=True),  # its intermediate heads are unused, as in vit-cls_emb
     "vit_gap_16": ZooEntry("vit_base_patch16_rpn_224.sw_in1k", "ViT-B/16, global average pool, post-norm blocks"),
 }
 
@@ -92,7 +94,8 @@ def load_model(
             vit = _create_from_dir(BUNDLED_DIR / entry.bundled, timm_kwargs)
         else:
             ckpt = checkpoint or _needs_file(entry, name, pretrained)
-            vit = _create(entry.timm_name, ckpt, pretrained, allow_download, {**entry.kwargs, **timm_kwargs})
+            vit = _create(entry.timm_name, ckpt, pretrained, allow_download, {**entry.kwargs, **timm_kwargs},
+                          extra_keys=entry.extra_keys)
         tag = name
     elif name.startswith("local-dir:") or Path(name).is_dir():
         path = Path(name.removeprefix("local-dir:")).expanduser()
@@ -140,21 +143,25 @@ def _create_from_dir(path: Path, timm_kwargs: dict) -> torch.nn.Module:
     return timm.create_model(f"local-dir:{path}", pretrained=True, **timm_kwargs)
 
 
-def _create(timm_name: str, checkpoint, pretrained: bool, allow_download: bool, kwargs: dict) -> torch.nn.Module:
-    """timm.create_model with weights from a file, the HF cache, a download (opt-in) or random init."""
+def _create(timm_name: str, checkpoint, pretrained: bool, allow_download: bool, kwargs: dict,
+            extra_keys: bool = False) -> torch.nn.Module:
+    """timm.create_model with weights from a file, the HF cache, a download (opt-in) or random init.
+
+    A checkpoint must fill every weight of the architecture; keys it does not use are an error unless
+    `extra_keys` (then they are dropped)."""
     if checkpoint is not None:
         vit = timm.create_model(timm_name, pretrained=False, **kwargs)
         state = _read_state_dict(Path(checkpoint))
         expected = vit.state_dict()
         missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
+        unexpected = [] if extra_keys else sorted(set(state) - set(expected))
         reshaped = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
         if missing or unexpected or reshaped:
             raise ValueError(
                 f"{checkpoint} does not fit {timm_name}: missing {missing[:3]}, unexpected {unexpected[:3]}, "
                 f"other shapes {reshaped[:3]}. Check the architecture and its arguments (e.g. num_classes)."
             )
-        vit.load_state_dict(state)
+        vit.load_state_dict({k: v for k, v in state.items() if k in expected})
         return vit
     if not pretrained:
         return timm.create_model(timm_name, pretrained=False, **kwargs)
