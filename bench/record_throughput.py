@@ -14,7 +14,7 @@ vit_base_patch16_224 (timm, random init) over in-memory random images, measured 
 
 On CUDA it also checks that the first recorded batch equals ``run_with_cache`` under the same autocast.
 
-    python bench/record_throughput.py                     # CPU: 24 images, batch 4 (about 2 minutes)
+    python bench/record_throughput.py                     # CPU: 48 images, batch 8 (about 2 minutes)
     python bench/record_throughput.py --images 8192 --batch-size 256 --num-workers 8   # one GPU
 """
 from __future__ import annotations
@@ -108,16 +108,16 @@ def check_first_batch(model, store, dataset, args, device, autocast) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=None, help="default: 24 on CPU, 8192 on CUDA")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 4 on CPU, 256 on CUDA")
+    parser.add_argument("--images", type=int, default=None, help="default: 48 on CPU, 8192 on CUDA")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 8 on CPU, 256 on CUDA")
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dir", type=Path, default=None, help="where to write the stores (default: a temp dir)")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    args.images = args.images or (8192 if cuda else 24)
-    args.batch_size = args.batch_size or (256 if cuda else 4)
+    args.images = args.images or (8192 if cuda else 48)
+    args.batch_size = args.batch_size or (256 if cuda else 8)
     autocast = torch.bfloat16 if cuda else None
     if not cuda:
         torch.set_num_threads(1)
