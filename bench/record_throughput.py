@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import vitlens
+from common import sync
 from vitlens import HookedViT
 from vitlens.recorder import ClassRankReducer
 
@@ -57,12 +58,11 @@ class RandomImages(Dataset):
 
 
 def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    """Seconds of one call of `fn` (a whole recording or pass over the data), the device synchronised."""
+    sync(device)
     start = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     return time.perf_counter() - start
 
 
