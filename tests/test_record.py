@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 from helpers.tiny import SyntheticImages, assert_same_store, record_tiny, tiny_model
+from timm.models.vision_transformer import VisionTransformer
 
 import vitlens
-from vitlens import ActivationStore, UnknownHookError
+from vitlens import ActivationStore, HookedViT, UnknownHookError
 from vitlens.cli import main
 from vitlens.recorder import ClassRankReducer, _Capture
 from vitlens.store import ShardWriter
@@ -232,7 +233,61 @@ def test_class_rank_reducer_matches_the_projection_of_cached_residuals(tmp_path)
     expected_cls_rank = (final > final[np.arange(16), labels.numpy()][:, None]).sum(-1)
     np.testing.assert_array_equal(ranks[:, -1, 0], expected_cls_rank)  # CLS of the last layer = the logits
     assert store.outputs["class_rank"].reducer == {"class": "ClassRankReducer", "hook": "hook_resid_post",
-                                                   "name": "class_rank"}
+                                                   "name": "class_rank", "precision": "float32"}
+
+
+@pytest.fixture(scope="module")
+def thousand_classes():
+    """A tiny ViT with 1000 classes, a random final norm and head bias, random residuals and labels."""
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, num_classes=1000, embed_dim=48, depth=1, num_heads=2)
+    with torch.no_grad():
+        for tensor in (vit.norm.weight, vit.norm.bias, vit.head.bias):
+            tensor.normal_(0.5, 0.5)
+    resid = torch.randn(6, 17, 48) * 3 + torch.randn(48)
+    return HookedViT.from_timm(vit, tag="thousand"), resid, torch.randint(0, 1000, (6,))
+
+
+def rank_bounds(normed, W, b, labels, tolerance):
+    """(lowest, highest) rank consistent with float64 logits known to within `tolerance` [b pos classes]."""
+    logits = normed.double() @ W.double() + b.double()
+    diff = logits - logits.gather(-1, labels.view(-1, 1, 1).expand(-1, logits.shape[1], 1))
+    diff[torch.arange(len(labels)), :, labels] = -1.0  # the label itself never counts
+    return (diff > tolerance).sum(-1), (diff > -tolerance).sum(-1)
+
+
+def test_class_rank_precisions_against_float64_logits(thousand_classes):
+    model, resid, labels = thousand_classes
+    with torch.inference_mode():
+        normed, W, b = model.final_norm(resid), model.W_U, model.b_U
+        magnitude = normed.abs().double() @ W.abs().double() + b.abs().double()  # sum_i |z_i W_ic| + |b_c|
+        label_magnitude = magnitude.gather(-1, labels.view(-1, 1, 1).expand(-1, 17, 1))
+        fp32 = ClassRankReducer().reduce(model, resid, labels).long()
+        bf16 = ClassRankReducer(precision="bfloat16").reduce(model, resid, labels).long()
+        exact = rank_bounds(normed, W, b, labels, 0.0)[0]
+        # float32: exact but for float32 rounding; bfloat16: only classes within the documented bound move
+        lowest, highest = rank_bounds(normed, W, b, labels, 1e-5 * (magnitude + label_magnitude))
+        assert ((lowest <= fp32) & (fp32 <= highest)).all() and (fp32 == exact).float().mean() > 0.99
+        lowest, highest = rank_bounds(normed, W, b, labels, 2 ** -7 * (magnitude + label_magnitude))
+        assert ((lowest <= bf16) & (bf16 <= highest)).all()
+        assert (bf16 != exact).any()  # the bound is needed: rounding does move classes here
+        # and bfloat16 is exact for the rounded operands, up to float32 summation
+        z, Wr, br = normed.bfloat16(), W.bfloat16(), b.bfloat16()
+        lowest, highest = rank_bounds(z, Wr, br, labels, 1e-5 * (magnitude + label_magnitude))
+        assert ((lowest <= bf16) & (bf16 <= highest)).all()
+        assert (bf16 == rank_bounds(z, Wr, br, labels, 0.0)[0]).float().mean() > 0.99
+
+
+def test_class_rank_ignores_the_forward_autocast(thousand_classes):
+    model, resid, labels = thousand_classes
+    with torch.inference_mode():
+        expected = ClassRankReducer().reduce(model, resid, labels)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(ClassRankReducer().reduce(model, resid, labels), expected)
+            bf16_logits = model.unembed(resid)  # what a reducer under autocast would see: bfloat16 ties
+        assert bf16_logits.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="precision 'float16'"):
+        ClassRankReducer(precision="float16")
 
 
 def test_cli_record_then_info(tmp_path, monkeypatch, capsys, reference):
@@ -246,6 +301,9 @@ def test_cli_record_then_info(tmp_path, monkeypatch, capsys, reference):
     assert_same_store(tmp_path / "cli", reference / "40")
     assert main([arg.replace("float32", "float16") for arg in args]) == 1
     assert "dtype differs" in capsys.readouterr().err
+    bfloat16_ranks = args[:args.index("--class-rank") + 1] + ["bfloat16"] + args[args.index("--class-rank") + 1:]
+    assert main(bfloat16_ranks) == 1
+    assert "precision" in capsys.readouterr().err
     for command in (["--help"], ["record", "--help"], ["store", "--help"], ["store", "info", "--help"],
                     ["store", "rebuild", "--help"]):
         with pytest.raises(SystemExit) as exit_info:

@@ -33,8 +33,8 @@ def _record(args: argparse.Namespace) -> None:
     model = load_model(args.model)
     dataset = load_dataset(args.dataset, args.split, model=model, n_per_class=args.n_per_class)
     hooks = {name: args.tokens if tokens is None else tokens for name, tokens in args.hook}
-    store = record(model, dataset, args.path, hooks=hooks,
-                   reducers=[ClassRankReducer()] if args.class_rank else [], dtype=args.dtype,
+    reducers = [ClassRankReducer(precision=args.class_rank)] if args.class_rank else []
+    store = record(model, dataset, args.path, hooks=hooks, reducers=reducers, dtype=args.dtype,
                    batch_size=args.batch_size, device=args.device, shard_size=args.shard_size,
                    num_workers=args.num_workers,
                    autocast=getattr(torch, _AUTOCAST[args.autocast]) if args.autocast else None,
@@ -74,9 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "prefix, patches or indices 0,5,9); repeatable")
     rec.add_argument("--tokens", type=_tokens, default="all",
                      help="tokens for --hook given without =TOKENS (default all)")
-    rec.add_argument("--class-rank", action="store_true",
+    rec.add_argument("--class-rank", nargs="?", const="float32", choices=("float32", "bfloat16"),
+                     default=None, metavar="PRECISION",
                      help="also store the label's rank under the class-embedding projection of every token "
-                          "and layer (int16, ClassRankReducer)")
+                          "and layer (int16, ClassRankReducer), computed in float32 (default) or bfloat16")
     rec.add_argument("--dtype", default="float16", choices=("float16", "float32", "float64"))
     rec.add_argument("--batch-size", type=int, default=32)
     rec.add_argument("--device", default=None, help="default: cuda:$LOCAL_RANK when available, else cpu")
