@@ -123,9 +123,10 @@ def _bfloat16_rank(normed: torch.Tensor, W_U: torch.Tensor, b_U: torch.Tensor, l
     for _ in range(3):
         parts.append(rest.bfloat16())
         rest = rest - parts[-1].float()
-    ones = z.new_ones(*z.shape[:-1], 1)
+    lhs = torch.cat([z, z.new_ones(*z.shape[:-1], 1), torch.stack(parts, -1)], -1)  # [batch pos d_model+4]
+    rhs = torch.cat([W, b[None], W.new_ones(3, W.shape[1])])  # [d_model+4 classes]
     with _float32_bfloat16_sums(z.device):
-        diff = torch.cat([z, ones, torch.stack(parts, -1)], -1) @ torch.cat([W, b[None], W.new_ones(3, W.shape[1])])
+        diff = lhs @ rhs  # z.W_c + b_c - L
     above = diff > 0
     above.scatter_(-1, labels.view(-1, 1, 1).expand(-1, z.shape[1], 1), False)  # the label's own difference is ~0
     return torch.count_nonzero(above, dim=-1).to(torch.int16)
