@@ -305,3 +305,74 @@ def test_backward_hooks_give_pattern_gradients():
         assert grads[name].abs().sum() > 0
         torch.testing.assert_close(grads[name], kept[name].grad, atol=0, rtol=0)
     assert all(not hp._forward_hooks and not hp._backward_hooks for hp in model.hook_dict.values())
+
+
+@torch.no_grad()
+def test_layout_for_rounds_up_with_dynamic_img_pad():
+    torch.manual_seed(0)
+    vit = VisionTransformer(**BASE, dynamic_img_size=True, dynamic_img_pad=True).eval()
+    model = HookedViT.from_timm(vit)
+    x = torch.randn(1, 3, 36, 30)  # padded to 40x32 by timm
+    _, cache = model.run_with_cache(x, names_filter="hook_full_embed")
+    layout = model.layout_for(x)
+    assert layout.grid == (5, 4) and cache["hook_full_embed"].shape[1] == layout.n_tokens
+
+
+@torch.no_grad()
+def test_hook_scale_replacement_is_applied():
+    model = HookedViT.from_timm(build("cls"))
+    x, name = images(), "blocks.0.ln1.hook_normalized"
+    bias = model.vit.blocks[0].norm1.bias
+    _, clean = model.run_with_cache(x, names_filter=name)
+    with model.hooks(fwd_hooks=[("blocks.0.ln1.hook_scale", lambda scale, hook: 2 * scale)]):
+        _, doubled = model.run_with_cache(x, names_filter=name)
+    torch.testing.assert_close(doubled[name], (clean[name] - bias) / 2 + bias, atol=1e-5, rtol=0)
+    with model.hooks(fwd_hooks=[("blocks.0.ln1.hook_scale", lambda scale, hook: scale.clone())]):
+        torch.testing.assert_close(model(x), model.vit(x), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_apply_ln_refused_where_there_is_no_per_token_layernorm():
+    _, cache = HookedViT.from_timm(build("avg_fc_norm")).run_with_cache(images())
+    with pytest.raises(ValueError, match="no per-token final LayerNorm.*fc_norm"):
+        cache.accumulated_resid(apply_ln=True)
+    with pytest.raises(ValueError, match="no per-token final LayerNorm"):
+        cache.logit_attrs(cache.decompose_resid(), tokens=torch.zeros(3, dtype=torch.long))
+    cache.decompose_resid(layer=1, apply_ln=True)  # block inputs of pre-norm blocks are per-token LayerNorms
+    _, cache = HookedViT.from_timm(build("res_post")).run_with_cache(images())
+    with pytest.raises(ValueError, match="post-norm"):
+        cache.decompose_resid(layer=1, apply_ln=True)
+
+
+def test_output_weights_refused_for_post_norm_blocks():
+    model = HookedViT.from_timm(build("res_post"))
+    for get in (lambda b: b.attn.W_O, lambda b: b.attn.b_O, lambda b: b.mlp.W_out, lambda b: b.mlp.b_out):
+        with pytest.raises(ValueError, match="post-norm"):
+            get(model.blocks[0])
+    assert model.blocks[0].mlp.W_in.shape == (32, 64)  # input weights stay well defined
+
+
+def test_module_name_in_names_filter_is_refused():
+    model = HookedViT.from_timm(build("cls"))
+    with pytest.raises(UnknownHookError, match=r"blocks\.0\.attn\.hook_"):
+        model.run_with_cache(images(), names_filter="blocks.0.attn")
+
+
+def test_weights_hash_follows_in_place_changes():
+    model = HookedViT.from_timm(build("cls"))
+    h = model.weights_hash()
+    with torch.no_grad():
+        model.vit.head.bias.add_(1)
+    assert model.weights_hash() != h
+    model.vit.load_state_dict(build("cls").state_dict())
+    assert model.weights_hash() == h
+    model.vit.half()
+    assert model.weights_hash() != h
+
+
+def test_zero_bias_placeholders_keep_the_weight_dtype():
+    torch.manual_seed(0)
+    vit = VisionTransformer(**BASE, proj_bias=False).to(torch.bfloat16)
+    vit.head.register_parameter("bias", None)
+    model = HookedViT.from_timm(vit)
+    assert model.blocks[0].attn.b_O.dtype == model.b_U.dtype == model.accumulated_bias(1).dtype == torch.bfloat16

@@ -112,3 +112,36 @@ def test_authors_checkpoint_with_unused_heads(tmp_path):
     torch.save(state, tmp_path / "deit_base_trm.pth")
     with pytest.raises(ValueError, match=r"missing \['head.weight'\]"):
         load_model("deit_ensemble_16", checkpoint=tmp_path / "deit_base_trm.pth", img_size=32, depth=1)
+
+
+def test_arguments_that_do_not_apply_are_refused(tmp_path, reference):
+    timm.models.save_for_hf(reference, tmp_path / "m", model_args=SMALL, safe_serialization=True)
+    save_file(reference.state_dict(), tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match="pretrained=False does not apply to a bundled model"):
+        load_model("tiny-scenes", pretrained=False)
+    with pytest.raises(ValueError, match="checkpoint= does not apply to a model folder"):
+        load_model(f"local-dir:{tmp_path / 'm'}", checkpoint=tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match="pretrained=False does not apply to a checkpoint file"):
+        load_model(tmp_path / "w.safetensors", arch=ARCH, pretrained=False, **SMALL)
+    with pytest.raises(ValueError, match="arch= does not apply to a timm model name"):
+        load_model(ARCH, arch=ARCH, pretrained=False, **SMALL)
+
+
+def test_num_classes_that_differs_from_the_weights_raises(tmp_path, monkeypatch, reference):
+    """timm silently swaps in a random head when num_classes differs from the pretrained one."""
+    import huggingface_hub.constants as hf_constants
+
+    timm.models.save_for_hf(reference, tmp_path / "m", model_args=SMALL, safe_serialization=True)
+    with pytest.raises(ValueError, match="num_classes=5 does not match"):
+        load_model(tmp_path / "m", num_classes=5)
+    name = f"{ARCH}.augreg_in21k_ft_in1k"
+    snapshot = tmp_path / "hub" / f"models--timm--{name}" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    save_file(reference.state_dict(), snapshot / "model.safetensors")
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    for allow_download in (False, True):  # True: timm finds the cached file (HF_HUB_OFFLINE in the tests)
+        with pytest.raises(ValueError, match="num_classes=5 does not match"):
+            load_model(name, allow_download=allow_download, **{**SMALL, "num_classes": 5})

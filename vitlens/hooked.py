@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import itertools
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
@@ -79,6 +80,11 @@ def _any_active(points: Sequence[HookPoint]) -> bool:
         if point._forward_hooks or point._backward_hooks:
             return True
     return False
+
+
+def _bias(linear: nn.Linear) -> torch.Tensor:
+    """A Linear's bias, or zeros in its weight's dtype and device when it has none."""
+    return linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
 
 
 def _bypass_heads(point: HookPoint, x: torch.Tensor) -> torch.Tensor:
@@ -221,13 +227,20 @@ class ViTConfig:
 
 
 class _Wrapper(nn.Module):
-    def __init__(self, target: nn.Module, layer_scale: Optional[nn.Module] = None):
+    def __init__(self, target: nn.Module, layer_scale: Optional[nn.Module] = None, post_norm: bool = False):
         super().__init__()
         object.__setattr__(self, "target", target)
         object.__setattr__(self, "layer_scale", layer_scale)
+        self.post_norm = post_norm
 
     def _scaled(self, weight: torch.Tensor) -> torch.Tensor:
-        """Fold the block's LayerScale (if any) into an output weight or bias."""
+        """Fold the block's LayerScale (if any) into an output weight or bias; refused for post-norm blocks."""
+        if self.post_norm:
+            raise ValueError(
+                "Output weights (W_O, b_O, W_out, b_out) are undefined for post-norm (ResPostBlock) blocks: the block "
+                "LayerNorms the sublayer output before adding it, so no fixed matrix maps it to the residual stream. "
+                "Use the cached hook_attn_out / hook_mlp_out instead."
+            )
         return weight * self.layer_scale.gamma if isinstance(self.layer_scale, LayerScale) else weight
 
 
@@ -241,10 +254,19 @@ class HookedNorm(_Wrapper):
         object.__setattr__(self, "_points", (self.hook_scale, self.hook_normalized))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """A hook on ``hook_scale`` that returns a tensor replaces the scale the norm divides by."""
         norm, (hook_scale, hook_normalized) = self.target, self._points
         if _active(hook_scale) and isinstance(norm, nn.LayerNorm):
             # The fused layer_norm kernel does not expose its statistics; recompute them for the hook.
-            hook_scale((x.float().var(-1, keepdim=True, unbiased=False) + norm.eps).sqrt().to(x.dtype))
+            scale = (x.float().var(-1, keepdim=True, unbiased=False) + norm.eps).sqrt().to(x.dtype)
+            hooked = hook_scale(scale)
+            if hooked is not scale:  # replaced: the LayerNorm by hand with the hook's scale
+                x = (x - x.mean(-1, keepdim=True)) / hooked
+                if norm.weight is not None:
+                    x = x * norm.weight
+                if norm.bias is not None:
+                    x = x + norm.bias
+                return _bypass(hook_normalized, x)
         return _bypass(hook_normalized, norm(x))
 
 
@@ -253,8 +275,8 @@ class HookedAttention(_Wrapper):
 
     _HOOKS = ("hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z")
 
-    def __init__(self, attn: Attention, layer_scale: Optional[nn.Module] = None):
-        super().__init__(attn, layer_scale)
+    def __init__(self, attn: Attention, layer_scale: Optional[nn.Module] = None, post_norm: bool = False):
+        super().__init__(attn, layer_scale, post_norm)
         for name in self._HOOKS:
             setattr(self, name, HookPoint())
         object.__setattr__(self, "_points", tuple(getattr(self, n) for n in self._HOOKS))
@@ -290,16 +312,14 @@ class HookedAttention(_Wrapper):
     @property
     def b_O(self) -> torch.Tensor:
         """[d_model]: the output bias, LayerScale folded in."""
-        proj = self.target.proj
-        bias = proj.bias if proj.bias is not None else torch.zeros(proj.out_features, device=proj.weight.device)
-        return self._scaled(bias)
+        return self._scaled(_bias(self.target.proj))
 
 
 class HookedMlp(_Wrapper):
     """timm ``Mlp`` with ``hook_pre`` (fc1 output) and ``hook_post`` (after the activation)."""
 
-    def __init__(self, mlp: Mlp, layer_scale: Optional[nn.Module] = None):
-        super().__init__(mlp, layer_scale)
+    def __init__(self, mlp: Mlp, layer_scale: Optional[nn.Module] = None, post_norm: bool = False):
+        super().__init__(mlp, layer_scale, post_norm)
         self.hook_pre = HookPoint()
         self.hook_post = HookPoint()
         object.__setattr__(self, "_points", (self.hook_pre, self.hook_post))
@@ -317,7 +337,7 @@ class HookedMlp(_Wrapper):
 
     @property
     def b_in(self) -> torch.Tensor:
-        return self.target.fc1.bias
+        return _bias(self.target.fc1)
 
     @property
     def W_out(self) -> torch.Tensor:
@@ -326,7 +346,7 @@ class HookedMlp(_Wrapper):
 
     @property
     def b_out(self) -> torch.Tensor:
-        return self._scaled(self.target.fc2.bias)
+        return self._scaled(_bias(self.target.fc2))
 
 
 class HookedBlock(_Wrapper):
@@ -337,15 +357,14 @@ class HookedBlock(_Wrapper):
     """
 
     def __init__(self, block: nn.Module):
-        super().__init__(block)
-        self.post_norm = isinstance(block, ResPostBlock)
+        super().__init__(block, post_norm=isinstance(block, ResPostBlock))
         self.hook_resid_pre = HookPoint()
         self.ln1 = HookedNorm(block.norm1)
-        self.attn = HookedAttention(block.attn, getattr(block, "ls1", None))
+        self.attn = HookedAttention(block.attn, getattr(block, "ls1", None), self.post_norm)
         self.hook_attn_out = HookPoint()
         self.hook_resid_mid = HookPoint()
         self.ln2 = HookedNorm(block.norm2)
-        self.mlp = HookedMlp(block.mlp, getattr(block, "ls2", None))
+        self.mlp = HookedMlp(block.mlp, getattr(block, "ls2", None), self.post_norm)
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
         object.__setattr__(self, "_points", (self.hook_resid_pre, self.hook_attn_out, self.hook_resid_mid,
@@ -387,7 +406,6 @@ class ActivationCache(_TLActivationCache):
     def __init__(self, cache_dict, model, has_batch_dim: bool = True):
         super().__init__(cache_dict, model, has_batch_dim=has_batch_dim)
         self.has_embed = False
-        self.has_pos_embed = False
 
     def decompose_resid(self, layer=None, mlp_input=False, mode="all", apply_ln=False, pos_slice=None,
                         incl_embeds=True, return_labels=False):
@@ -401,6 +419,23 @@ class ActivationCache(_TLActivationCache):
         if apply_ln:
             parts = self.apply_ln_to_stack(parts, layer, pos_slice=pos_slice, mlp_input=mlp_input)
         return (parts, labels) if return_labels else parts
+
+    def apply_ln_to_stack(self, residual_stack, layer=None, mlp_input=False, *args, **kwargs):
+        """TransformerLens' ``apply_ln_to_stack`` (also behind ``apply_ln=True`` and ``logit_attrs``); raises
+        where the model has no per-token LayerNorm at that input, instead of returning the stack unnormalised."""
+        model = self.model
+        if layer is None or layer in (-1, model.cfg.n_layers):
+            if isinstance(model.vit.fc_norm, nn.LayerNorm):
+                raise ValueError(
+                    "This model has no per-token final LayerNorm to apply: it average-pools the tokens and then "
+                    "applies fc_norm to the pooled vector. Use model.unembed(resid) for a per-token class projection."
+                )
+        elif any(block.post_norm for block in model.blocks):
+            raise ValueError(
+                "This model has post-norm (ResPostBlock) blocks: their LayerNorms act on sublayer outputs, not on "
+                "the residual stream, so there is no block-input LayerNorm to apply. Use apply_ln=False."
+            )
+        return super().apply_ln_to_stack(residual_stack, layer, mlp_input, *args, **kwargs)
 
 
 class HookedViT(HookedRootModule):
@@ -416,7 +451,6 @@ class HookedViT(HookedRootModule):
         _check_supported(vit)
         self.vit = vit
         self.tag = tag or getattr(vit, "default_cfg", {}).get("architecture", type(vit).__name__)
-        self.distilled = getattr(vit, "dist_token", None) is not None
         self.layout = TokenLayout.from_timm(vit)
         self.hook_embed = HookPoint()
         self.hook_full_embed = HookPoint()
@@ -427,7 +461,7 @@ class HookedViT(HookedRootModule):
         self.cfg = self._make_cfg()
         self._in_chans = vit.patch_embed.proj.in_channels
         self._fixed_size = None if vit.dynamic_img_size else self.image_size
-        self._weights_hash: Optional[str] = None
+        self._weights_hash: Optional[tuple[tuple, str]] = None  # (_weights_key(), hash)
         self.setup()
 
     @classmethod
@@ -485,7 +519,7 @@ class HookedViT(HookedRootModule):
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         """timm's forward_head with ``hook_pooled`` between the pooling and the classifier."""
         vit = self.vit
-        if self.distilled:  # mean of the class head on CLS and the distillation head on the dist token
+        if self.layout.dist_index is not None:  # DeiT-distilled: mean of the CLS head and the dist-token head
             pooled = _bypass(self.hook_pooled, vit.head_drop(x[:, :2]))
             return (vit.head(pooled[:, 0]) + vit.head_dist(pooled[:, 1])) / 2
         pooled = _bypass(self.hook_pooled, vit.forward_head(x, pre_logits=True))
@@ -512,8 +546,7 @@ class HookedViT(HookedRootModule):
 
     def layout_for(self, images: torch.Tensor) -> TokenLayout:
         """The token layout for a batch of images (the grid changes with the size on dynamic models)."""
-        patch = self.vit.patch_embed.patch_size
-        return self.layout.with_grid((images.shape[-2] // patch[0], images.shape[-1] // patch[1]))
+        return self.layout.with_grid(self.vit.patch_embed.dynamic_feat_size(tuple(images.shape[-2:])))
 
     def tokens(self, kind: str = "all") -> torch.Tensor:
         """Token indices of one kind ("all", "cls", "dist", "registers", "prefix", "patches")."""
@@ -538,15 +571,22 @@ class HookedViT(HookedRootModule):
         return create_transform(**self.data_config)
 
     def weights_hash(self) -> str:
-        """SHA-256 of every parameter and buffer (names, dtypes, shapes, bytes); cached after the first call."""
-        if self._weights_hash is None:
+        """SHA-256 of every parameter and buffer (names, dtypes, shapes, bytes); cached until a weight changes."""
+        key = self._weights_key()
+        if self._weights_hash is None or self._weights_hash[0] != key:
             digest = hashlib.sha256()
             for name, tensor in sorted(self.vit.state_dict().items()):
                 t = tensor.detach().cpu().contiguous()
                 digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
                 digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-            self._weights_hash = digest.hexdigest()
-        return self._weights_hash
+            self._weights_hash = (key, digest.hexdigest())
+        return self._weights_hash[1]
+
+    def _weights_key(self) -> tuple:
+        """A cheap fingerprint of the weights: in-place writes bump ``_version``; moves and dtype casts
+        change the storage (inference tensors have no version counter)."""
+        return tuple((t.data_ptr(), None if t.is_inference() else t._version)
+                     for t in itertools.chain(self.vit.parameters(), self.vit.buffers()))
 
     # -- class-embedding geometry -------------------------------------------------------------------------
 
@@ -565,8 +605,7 @@ class HookedViT(HookedRootModule):
     @property
     def b_U(self) -> torch.Tensor:
         """[n_classes]: the classifier bias."""
-        head = self.vit.head
-        return head.bias if head.bias is not None else torch.zeros(head.out_features, device=head.weight.device)
+        return _bias(self.vit.head)
 
     def unembed(self, resid: torch.Tensor) -> torch.Tensor:
         """Project residual vectors onto the classes: ``head(final_norm(resid))`` per token, [... n_classes].
@@ -599,7 +638,7 @@ class HookedViT(HookedRootModule):
 
     def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> torch.Tensor:
         """[d_model]: the sum of attention (and MLP) output biases written before ``layer``."""
-        total = torch.zeros(self.cfg.d_model, device=self.W_U.device)
+        total = self.W_U.new_zeros(self.cfg.d_model)
         for i in range(layer):
             total = total + self.blocks[i].attn.b_O
             if include_mlp_biases:
@@ -614,8 +653,7 @@ class HookedViT(HookedRootModule):
         """Run and cache activations: ``(logits, ActivationCache)``. Unknown names in ``names_filter`` raise."""
         names = [names_filter] if isinstance(names_filter, str) else names_filter
         for name in [] if names is None or callable(names) else names:
-            if name not in self.hook_dict:
-                self.mod_dict[name]  # raises UnknownHookError with the closest names
+            self.hook_dict[name]  # raises UnknownHookError with the closest names
         out, cache = super().run_with_cache(*model_args, names_filter=names_filter, **kwargs)
         return out, ActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
 

@@ -29,6 +29,7 @@ from timm.models import get_pretrained_cfg
 from vitlens.hooked import HookedViT
 
 BUNDLED_DIR = Path(__file__).parent
+_WEIGHT_SUFFIXES = {".safetensors", ".pth", ".pt", ".bin"}
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -88,20 +89,33 @@ def load_model(
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``num_classes``, ``dynamic_img_size``).
     """
     name = str(name)
-    if name in ZOO:
+    # Arguments that a source does not use are refused rather than silently ignored.
+    given = [arg for arg, is_given in (("checkpoint=", checkpoint is not None), ("arch=", arch is not None),
+                                       ("pretrained=False", not pretrained), ("allow_download=True", allow_download))
+             if is_given]
+    hub_args = ("checkpoint=",) if checkpoint is not None else ("pretrained=False", "allow_download=True")
+    if name in ZOO and ZOO[name].bundled:
+        _refuse_unused(name, given, (), "a bundled model (its weights ship with vitlens)")
+        vit = _create_from_dir(BUNDLED_DIR / ZOO[name].bundled, timm_kwargs)
+        tag = name
+    elif name in ZOO:
         entry = ZOO[name]
-        if entry.bundled:
-            vit = _create_from_dir(BUNDLED_DIR / entry.bundled, timm_kwargs)
-        else:
-            ckpt = checkpoint or _needs_file(entry, name, pretrained)
-            vit = _create(entry.timm_name, ckpt, pretrained, allow_download, {**entry.kwargs, **timm_kwargs},
-                          extra_keys=entry.extra_keys)
+        _refuse_unused(name, given, hub_args, "a zoo nickname")
+        if entry.checkpoint_hint and checkpoint is None and pretrained:
+            raise WeightsNotFoundError(
+                f"{name!r} has no hub weights: download {entry.checkpoint_hint} and pass "
+                f"load_model({name!r}, checkpoint='/path/to/file'), or pretrained=False for random weights."
+            )
+        vit = _create(entry.timm_name, checkpoint, pretrained, allow_download, {**entry.kwargs, **timm_kwargs},
+                      extra_keys=entry.extra_keys)
         tag = name
     elif name.startswith("local-dir:") or Path(name).is_dir():
+        _refuse_unused(name, given, (), "a model folder (its weights come from the folder)")
         path = Path(name.removeprefix("local-dir:")).expanduser()
         vit = _create_from_dir(path, timm_kwargs)
         tag = f"local-dir:{path.resolve()}"
     elif Path(name).suffix in _WEIGHT_SUFFIXES:
+        _refuse_unused(name, given, ("arch=",), "a checkpoint file (the file is the weights)")
         if arch is None:
             raise ValueError(f"Loading the checkpoint file {name} needs its architecture: pass arch='<timm model name>'.")
         vit = _create(arch, name, True, False, timm_kwargs)
@@ -111,6 +125,7 @@ def load_model(
             close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=5, cutoff=0.8)
             raise ValueError(f"Unknown model {name!r}: not a vitlens nickname ({', '.join(ZOO)}) nor a timm model"
                              + (f"; close timm names: {', '.join(close)}." if close else "."))
+        _refuse_unused(name, given, hub_args, "a timm model name")
         vit = _create(name, checkpoint, pretrained, allow_download, timm_kwargs)
         tag = name
     if device is not None:
@@ -118,16 +133,15 @@ def load_model(
     return HookedViT.from_timm(vit, tag=tag)
 
 
-_WEIGHT_SUFFIXES = {".safetensors", ".pth", ".pt", ".bin"}
-
-
-def _needs_file(entry: ZooEntry, name: str, pretrained: bool) -> Optional[str]:
-    if entry.checkpoint_hint and pretrained:
-        raise WeightsNotFoundError(
-            f"{name!r} has no hub weights: download {entry.checkpoint_hint} and pass "
-            f"load_model({name!r}, checkpoint='/path/to/file'), or pretrained=False for random weights."
+def _refuse_unused(name: str, given: list, applies: tuple, source: str) -> None:
+    """Raise ValueError naming the given arguments that do not apply to `source`."""
+    unused = [arg for arg in given if arg not in applies]
+    if unused:
+        raise ValueError(
+            f"load_model({name!r}): {', '.join(unused)} does not apply to {source} and would be ignored; remove "
+            "it. (arch= goes with a checkpoint file given as name; pretrained=False and allow_download=True "
+            "with hub weights, not with checkpoint=.)"
         )
-    return None
 
 
 def _create_from_dir(path: Path, timm_kwargs: dict) -> torch.nn.Module:
@@ -140,7 +154,7 @@ def _create_from_dir(path: Path, timm_kwargs: dict) -> torch.nn.Module:
     weights = next((path / f for f in ("model.safetensors", "pytorch_model.bin") if (path / f).is_file()), None)
     if weights is None:
         raise WeightsNotFoundError(f"{path} has config.json but no model.safetensors or pytorch_model.bin.")
-    return timm.create_model(f"local-dir:{path}", pretrained=True, **timm_kwargs)
+    return _create_pretrained(f"local-dir:{path}", timm_kwargs)
 
 
 def _create(timm_name: str, checkpoint, pretrained: bool, allow_download: bool, kwargs: dict,
@@ -166,13 +180,26 @@ def _create(timm_name: str, checkpoint, pretrained: bool, allow_download: bool, 
     if not pretrained:
         return timm.create_model(timm_name, pretrained=False, **kwargs)
     if allow_download:
-        return timm.create_model(timm_name, pretrained=True, **kwargs)
-    cached = _find_in_hf_cache(timm_name)
+        return _create_pretrained(timm_name, kwargs)
     # Passing the file through the pretrained config keeps timm's checkpoint filter (pos-embed resampling).
-    overlay = dict(file=cached)
-    if "num_classes" in kwargs:  # otherwise timm silently drops a head whose size differs from the cfg
+    return _create_pretrained(timm_name, kwargs, file=_find_in_hf_cache(timm_name))
+
+
+def _create_pretrained(timm_name: str, kwargs: dict, **overlay) -> torch.nn.Module:
+    """timm.create_model(pretrained=True), where a ``num_classes`` that differs from the weights' head raises
+    (timm would otherwise silently replace the head with a random one)."""
+    if "num_classes" in kwargs:
         overlay["num_classes"] = kwargs["num_classes"]
-    return timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    try:
+        return timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except RuntimeError as error:
+        if "num_classes" not in kwargs or "size mismatch" not in str(error):
+            raise
+        raise ValueError(
+            f"num_classes={kwargs['num_classes']} does not match the classifier of the {timm_name} weights. "
+            "Drop num_classes to keep the trained head, or pass weights with that head as checkpoint=FILE."
+            f"\n{error}"
+        ) from error
 
 
 def _find_in_hf_cache(timm_name: str) -> str:
