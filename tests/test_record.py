@@ -310,3 +310,59 @@ def test_cli_record_then_info(tmp_path, monkeypatch, capsys, reference):
             main(command)
         assert exit_info.value.code == 0
         assert "usage: vitlens" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(batch_size=0), "batch_size must be a positive number of images, got 0"),
+    (dict(shard_size=0), "shard_size must be a positive number of samples, or None.*got 0"),
+    (dict(rank=1, world_size=1), r"rank 1 is not in \[0, world_size=1\): pass 0 <= rank < world_size"),
+    (dict(rank=-1, world_size=2), r"rank -1 is not in \[0, world_size=2\)"),
+    (dict(rank=0, world_size=0), r"rank 0 is not in \[0, world_size=0\)"),
+])
+def test_bad_batch_shard_size_or_rank_fail_before_anything_is_written(tmp_path, monkeypatch, options, message):
+    monkeypatch.setattr("vitlens.recorder._wait_for", lambda file: pytest.fail(f"waited for {file}"))
+    with pytest.raises(ValueError, match=message):
+        record_tiny(tmp_path / "store", SyntheticImages(8), **{"batch_size": BATCH, **options})
+    assert not (tmp_path / "store").exists()
+
+
+class MislabelledItem(SyntheticImages):
+    """Item `row` carries another label than dataset.samples lists for it."""
+
+    def __init__(self, n: int, row: int):
+        super().__init__(n)
+        self.row = row
+
+    def __getitem__(self, index: int) -> dict:
+        item = super().__getitem__(index)
+        return {**item, "label": (item["label"] + 1) % 10} if index == self.row else item
+
+
+@pytest.mark.parametrize("row", [0, 13])
+def test_item_labels_must_match_the_samples(tmp_path, row):
+    dataset = MislabelledItem(40, row)
+    listed = int(dataset.samples.label[row])
+    with pytest.raises(ValueError, match=f"dataset item {row} has label {(listed + 1) % 10} but dataset.samples "
+                                         f"lists {listed}: the items and .samples must agree"):
+        record_tiny(tmp_path / "store", dataset, batch_size=BATCH, shard_size=SHARD)
+    if row == 0:  # checked before the store is created
+        assert not (tmp_path / "store").exists()
+    else:
+        assert sorted(p.name for p in (tmp_path / "store" / "shards").iterdir()) == ["shard_00000.h5"]
+
+
+def test_resume_lists_the_shards_once(tmp_path, monkeypatch):
+    calls = []
+    listing = ActivationStore.shards_on_disk
+    monkeypatch.setattr(ActivationStore, "shards_on_disk", lambda self: calls.append(1) or listing(self))
+    record_tiny(tmp_path / "store", SyntheticImages(40), batch_size=BATCH, shard_size=BATCH).close()  # 10 shards
+    assert len(calls) <= 3  # creating the store, finding the shards to do, the final refresh
+
+
+def test_cli_reports_an_unsupported_model(monkeypatch, capsys, tmp_path):
+    def unsupported(name):
+        raise vitlens.UnsupportedModelError("blocks[0] is a ParallelBlock; HookedViT supports Block")
+
+    monkeypatch.setattr("vitlens.zoo.load_model", unsupported)
+    assert main(["record", "odd-model", "synthetic", str(tmp_path / "store"), "--hook", "hook_logits"]) == 1
+    assert "vitlens: error: blocks[0] is a ParallelBlock" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """ActivationStore: lazy reads against run_with_cache, the index, corrupt shards and mismatched models."""
+import os
 import shutil
 
 import numpy as np
@@ -204,3 +205,48 @@ def test_opening_with_another_model_is_refused(recorded):
         ActivationStore(recorded)["blocks.1.hook_resid_pots"]
     with pytest.raises(FileNotFoundError, match="no vitlens store"):
         ActivationStore(recorded.parent / "missing")
+
+
+def test_bad_indices_raise_index_error(recorded):
+    array = ActivationStore(recorded)["blocks.1.hook_resid_post"]  # [40, 17, 32]
+    for key, message in [((0, 0, 0, 0), "too many indices.*3-dimensional, 4"),
+                         ((0, ..., 0, 0, 0), "too many indices"),
+                         ((slice(None), np.ones(5, bool)), r"boolean index of shape \(5,\).*size 17"),
+                         ((np.ones(N + 1, bool),), "boolean index"),
+                         ((np.array([0.0, 1.7]),), "integer or boolean, got float64"),
+                         ((0, [0.5]), "integer or boolean"),
+                         ((0, [3, -18]), r"index array -18..3 is out of range for an axis of size 17"),
+                         ((0, np.array(17)), "out of range")]:
+        with pytest.raises(IndexError, match=message):
+            array[key]
+
+
+def test_cache_for_normalises_the_sample_index(recorded):
+    store = ActivationStore(recorded)
+    assert torch.equal(store.cache_for(-1)["hook_logits"], store.cache_for(N - 1)["hook_logits"])
+    for i in (N, -N - 1):
+        with pytest.raises(IndexError, match=f"sample {i} is out of range.*holds {N} samples"):
+            store.cache_for(i)
+
+
+def test_arrays_stay_valid_across_refresh(tmp_path, dataset):
+    store = record_tiny(tmp_path / "store", dataset, batch_size=BATCH, shard_size=SHARD, rank=0, world_size=2)
+    array = store["hook_logits"]
+    record_tiny(tmp_path / "store", dataset, batch_size=BATCH, shard_size=SHARD, rank=1, world_size=2).close()
+    store.refresh()
+    assert len(array) == N
+    np.testing.assert_array_equal(array[:], store["hook_logits"][:])
+    store.close()
+    with pytest.raises(ValueError, match="is closed"):
+        array[:2]
+
+
+def test_temporary_files_of_another_host_with_our_pid_are_left_alone(tmp_path, dataset):
+    path = tmp_path / "store"
+    path.mkdir()
+    theirs = [path / f".store.json.{os.getpid()}.tmp", path / f".index.h5.{os.getpid()}.tmp"]
+    for file in theirs:
+        file.write_bytes(b"being written on another host")
+    record_tiny(path, dataset, batch_size=BATCH, shard_size=SHARD).close()
+    ActivationStore.rebuild(path).close()
+    assert all(file.read_bytes() == b"being written on another host" for file in theirs)

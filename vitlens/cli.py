@@ -50,10 +50,10 @@ def _store_info(args: argparse.Namespace) -> None:
 
 
 def _store_rebuild(args: argparse.Namespace) -> None:
-    from vitlens.store import ActivationStore
+    from vitlens.store import INDEX_FILE, ActivationStore
 
     with ActivationStore.rebuild(args.path) as store:
-        print(f"rebuilt {store.path}/index.h5: {int(store.done.sum())} of {len(store)} samples in "
+        print(f"rebuilt {store.path / INDEX_FILE}: {int(store.done.sum())} of {len(store)} samples in "
               f"{len(store.shards_on_disk())} shards")
 
 
@@ -107,12 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vitlens`` command; errors print one line and exit with status 1."""
+    from vitlens.hooked import UnsupportedModelError
     from vitlens.store import CorruptShardError
 
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, KeyError, OSError, CorruptShardError) as error:  # mismatches, bad hooks, files
+    except (ValueError, KeyError, OSError,  # mismatches, bad arguments and hooks, files
+            CorruptShardError, UnsupportedModelError) as error:
         print(f"vitlens: error: {error}", file=sys.stderr)
         return 1
     return 0

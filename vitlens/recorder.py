@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from vitlens.hooked import UnknownHookError
-from vitlens.store import METADATA_FILE, ActivationStore, ShardWriter
+from vitlens.store import METADATA_FILE, SHARD_DIR, ActivationStore, ShardWriter
 
 STORE_DTYPES = ("float16", "float32", "float64")
 _SHARD_BYTES = 256 << 20
@@ -228,7 +228,6 @@ class _Capture:
 
         fwd_hooks = [(name, keep) for name in self.hooks]
         fwd_hooks += [(name, reducing(r)) for r in self.reducers for name in r.hooks(self.model)]
-        self.model.eval()
         amp = torch.autocast(images.device.type, dtype=self.autocast) if self.autocast else nullcontext()
         with torch.inference_mode(), amp:
             self.model.run_with_hooks(images, fwd_hooks=fwd_hooks)
@@ -322,6 +321,14 @@ def record(model, dataset, path: str | os.PathLike, hooks=(), tokens: str | Sequ
     """
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size}): pass 0 <= rank < world_size "
+                         "(torchrun sets RANK and WORLD_SIZE)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive number of images, got {batch_size}")
+    if shard_size is not None and shard_size < 1:
+        raise ValueError(f"shard_size must be a positive number of samples, or None for about 256 MB per "
+                         f"shard; got {shard_size}")
     if device is None:
         cuda = torch.cuda.is_available()
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
@@ -341,13 +348,14 @@ def record(model, dataset, path: str | os.PathLike, hooks=(), tokens: str | Sequ
             _expand(model, name)
     _check_writable(path)
 
-    model.to(device)
+    model.to(device).eval()
     capture = _Capture(model, selections, reducers, dtype, autocast, device)
     request = _request(model, dataset, selections, reducers, dtype, autocast, shard_size)
     store = _open_or_create(path, request, capture, dataset, device, batch_size, rank)
 
     mine = [s for s in range(store.n_shards) if s % world_size == rank]
-    todo = [s for s in mine if s not in store.shards_on_disk()]
+    on_disk = store.shards_on_disk()
+    todo = [s for s in mine if s not in on_disk]
     batches = [list(range(b, min(b + batch_size, stop)))
                for start, stop in map(store.shard_range, todo) for b in range(start, stop, batch_size)]
     total = sum(stop - start for start, stop in map(store.shard_range, mine))
@@ -371,7 +379,6 @@ def record(model, dataset, path: str | os.PathLike, hooks=(), tokens: str | Sequ
 
 def _write_shards(store: ActivationStore, capture: _Capture, batches, device: torch.device, bar: tqdm) -> None:
     """Forward each batch, copy its outputs to the host and hand them to the writer thread."""
-    expected_ids = store.meta["samples"]["sample_id"]
     copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     writer = _Writer(store, bar)
     writer.start()
@@ -379,7 +386,7 @@ def _write_shards(store: ActivationStore, capture: _Capture, batches, device: to
         for rows, (images, labels, sample_ids) in batches:
             if writer.error is not None:
                 break
-            _check_ids(rows, sample_ids, expected_ids)
+            _check_items(rows, sample_ids, labels, store.meta["samples"])
             outputs = capture.run(images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
             host, ready = _to_host(outputs, copy_stream)
             shard = rows[0] // store.shard_size
@@ -419,13 +426,16 @@ def _request(model, dataset, selections, reducers, dtype, autocast, shard_size) 
 
 def _open_or_create(path, request, capture, dataset, device, batch_size, rank):
     """Open and check the store at `path`, or create it (rank 0; other ranks wait for its metadata)."""
+    images, labels, sample_ids = _collate([dataset[0]])  # the first item, as a batch of one
+    _check_items([0], sample_ids, labels, request["samples"])
+    layout = capture.model.layout_for(images).to_dict()
     if not (path / METADATA_FILE).exists():
         if rank == 0:
-            return ActivationStore.create(path, _complete(request, capture, dataset, device, batch_size))
+            meta = _complete(request, capture, images.to(device), labels.to(device), layout, batch_size)
+            return ActivationStore.create(path, meta)
         _wait_for(path / METADATA_FILE)
     store = ActivationStore(path)
     store.check_compatible(request, source="request")
-    layout = capture.model.layout_for(dataset[0]["image"][None]).to_dict()
     store.check_compatible({"layout": layout}, source="model")
     if store.meta["batch_size"] != batch_size:
         tqdm.write(f"note: {path} was recorded with batch_size {store.meta['batch_size']}; batches of "
@@ -433,23 +443,21 @@ def _open_or_create(path, request, capture, dataset, device, batch_size, rank):
     return store
 
 
-def _complete(request, capture, dataset, device, batch_size) -> dict:
-    """Add what a forward on the first sample tells: the token layout and each output's shape."""
-    first = dataset[0]
-    image = first["image"][None].to(device)
-    probe = capture.run(image, torch.tensor([first["label"]], device=device))
+def _complete(request, capture, images, labels, layout, batch_size) -> dict:
+    """Add the token layout and what a forward on the first sample tells: each output's shape."""
+    probe = capture.run(images, labels)
     outputs = {name: {**spec, "shape": list(probe[name].shape[1:])} for name, spec in request["outputs"].items()}
-    layout = capture.model.layout_for(image)
     for reducer in capture.reducers:
-        if tuple(outputs[reducer.name]["shape"]) != tuple(reducer.shape(capture.model)):
-            raise ValueError(f"reducer {reducer.name} declares shape {reducer.shape(capture.model)} but "
-                             f"produced {outputs[reducer.name]['shape']}")
+        declared = tuple(reducer.shape(capture.model))
+        if tuple(outputs[reducer.name]["shape"]) != declared:
+            raise ValueError(f"reducer {reducer.name} declares shape {declared} but produced "
+                             f"{outputs[reducer.name]['shape']}")
     shard_size = request.get("shard_size")
     if shard_size is None:
         sample_bytes = sum(t[0].numel() * t.element_size() for t in probe.values())
         rows = max(1, min(_MAX_SHARD_SIZE, _SHARD_BYTES // sample_bytes))
         shard_size = rows // batch_size * batch_size or rows
-    return {**request, "outputs": outputs, "layout": layout.to_dict(), "shard_size": shard_size,
+    return {**request, "outputs": outputs, "layout": layout, "shard_size": shard_size,
             "batch_size": batch_size}
 
 
@@ -458,11 +466,14 @@ def _collate(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
             [str(item["sample_id"]) for item in items])
 
 
-def _check_ids(rows: list[int], sample_ids: list[str], expected: list[str]) -> None:
-    for row, sample_id in zip(rows, sample_ids):
-        if sample_id != expected[row]:
-            raise ValueError(f"dataset item {row} has sample_id {sample_id!r} but dataset.samples lists "
-                             f"{expected[row]!r}: the items and .samples must be in the same order")
+def _check_items(rows: list[int], sample_ids: list[str], labels: torch.Tensor, samples: Mapping[str, list]) -> None:
+    """Raise unless the items of a batch (contiguous `rows`) have the sample ids and labels of .samples."""
+    for column, values in (("sample_id", sample_ids), ("label", labels.tolist())):
+        expected = samples[column][rows[0]:rows[-1] + 1]
+        if values != expected:
+            i = next(i for i, (a, b) in enumerate(zip(values, expected)) if a != b)
+            raise ValueError(f"dataset item {rows[i]} has {column} {values[i]!r} but dataset.samples lists "
+                             f"{expected[i]!r}: the items and .samples must agree, in the same order")
 
 
 def _to_host(outputs: dict[str, torch.Tensor], copy_stream):
@@ -485,7 +496,7 @@ def _check_writable(path: Path) -> None:
     Creates and removes a probe file, which also catches read-only mounts and immutable directories
     that permission bits (and ``os.access`` as root) do not show.
     """
-    targets = [p for p in (path, path / "shards") if p.is_dir()]
+    targets = [p for p in (path, path / SHARD_DIR) if p.is_dir()]
     if not targets:
         targets = [next(p for p in path.parents if p.is_dir())]
     for folder in targets:
@@ -508,12 +519,11 @@ def _wait_for(file: Path, timeout: float = 600.0) -> None:
 def _writer_failure(writer: _Writer, store: ActivationStore) -> BaseException:
     """The error to raise for a failed shard write, saying what is intact and how to resume."""
     error = writer.error
-    intact = f"{len(store.shards_on_disk())} complete shard(s) in {store.path} are intact"
-    if isinstance(error, OSError) and (error.errno == errno.ENOSPC or "No space left" in str(error)):
-        return OSError(errno.ENOSPC, f"disk full while writing shard {writer.shard} of {store.path}; {intact} "
-                       "and the partial shard was removed. Free space and run the same record call again "
-                       "to resume")
-    if isinstance(error, OSError):
-        return OSError(error.errno, f"writing shard {writer.shard} of {store.path} failed ({error}); {intact} "
-                       "and the partial shard was removed; run the same record call again to resume")
-    return error
+    if not isinstance(error, OSError):
+        return error
+    full = error.errno == errno.ENOSPC or "No space left" in str(error)
+    what, then = ("disk full", "Free space and run") if full else (f"error ({error})", "Run")
+    return OSError(errno.ENOSPC if full else error.errno,
+                   f"{what} while writing shard {writer.shard} of {store.path}; {len(store.shards_on_disk())} "
+                   f"complete shard(s) are intact and the partial shard was removed. {then} the same record "
+                   "call again to resume")

@@ -74,11 +74,6 @@ class OutputSpec:
                    tokens=None if tokens is None else tuple(tokens), token_axis=d.get("token_axis"),
                    reducer=d.get("reducer"))
 
-    def to_dict(self) -> dict:
-        return {"hook": self.hook, "tokens": None if self.tokens is None else list(self.tokens),
-                "token_axis": self.token_axis, "shape": list(self.shape), "dtype": self.dtype,
-                "reducer": self.reducer}
-
     @property
     def sample_bytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
@@ -174,14 +169,21 @@ class StoreArray:
     Index arrays may be unsorted or repeated; samples that are not recorded raise :class:`NotRecordedError`.
     """
 
-    def __init__(self, store: "ActivationStore", spec: OutputSpec, dataset: h5py.Dataset):
-        self.store, self.spec, self._dataset = store, spec, dataset
+    def __init__(self, store: "ActivationStore", spec: OutputSpec):
+        self.store, self.spec = store, spec
 
     name = property(lambda self: self.spec.name)
     tokens = property(lambda self: self.spec.tokens)
     shape = property(lambda self: self._dataset.shape)
     dtype = property(lambda self: self._dataset.dtype)
     ndim = property(lambda self: self._dataset.ndim)
+
+    @property
+    def _dataset(self) -> h5py.Dataset:
+        index = self.store._index  # looked up on each use: refresh() reopens the index
+        if index is None:
+            raise ValueError(f"{self.store.path} is closed; open it again with vitlens.ActivationStore(path)")
+        return index[self.name]
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -220,6 +222,8 @@ class StoreArray:
         if any(k is Ellipsis for k in key):
             at = next(i for i, k in enumerate(key) if k is Ellipsis)
             key = key[:at] + (slice(None),) * (self.ndim - len(key) + 1) + key[at + 1:]
+        if len(key) > self.ndim:
+            raise IndexError(f"too many indices: {self.name} is {self.ndim}-dimensional, {len(key)} were given")
         key = key + (slice(None),) * (self.ndim - len(key))
         return tuple(self._normalise_one(k, n) for k, n in zip(key, self.shape))
 
@@ -231,7 +235,13 @@ class StoreArray:
             k = np.asarray(k)
         if isinstance(k, np.ndarray):
             if k.dtype == bool:
+                if k.shape != (n,):
+                    raise IndexError(f"boolean index of shape {k.shape} does not match an axis of size {n}")
                 return np.flatnonzero(k)
+            if k.size and k.dtype.kind not in "iu":
+                raise IndexError(f"index arrays must be integer or boolean, got {k.dtype}")
+            if k.size and not -n <= k.min() <= k.max() < n:
+                raise IndexError(f"index array {k.min()}..{k.max()} is out of range for an axis of size {n}")
             return int(k) if k.ndim == 0 else k.astype(np.int64)
         if isinstance(k, (int, np.integer)):
             if not -n <= k < n:
@@ -286,19 +296,21 @@ class ActivationStore:
                         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                         "versions": library_versions(), **meta})
         (path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-        tmp = path / f".{METADATA_FILE}.{os.getpid()}.tmp"
+        tmp = _tmp_path(path / METADATA_FILE)
         header = json.dumps({k: v for k, v in meta.items() if k != "samples"}, indent=1)
         samples = json.dumps(meta["samples"])  # last and on one line: the header stays readable
         _write_durably(tmp, f'{header[:-2]},\n "samples": {samples}\n}}\n'.encode())
         try:
             os.link(tmp, path / METADATA_FILE)
             _fsync_dir(path)
-        except FileExistsError:
-            pass
+            created = True
+        except FileExistsError:  # another creator was first: its store must match this request
+            created = False
         finally:
             tmp.unlink()
         store = cls(path)
-        store.check_compatible(meta, source="request")
+        if not created:
+            store.check_compatible(meta, source="request")
         return store
 
     # ------------------------------------------------------------------------------------ checks
@@ -318,6 +330,8 @@ class ActivationStore:
             stored = _lookup(self.meta, key)
             if key == ("outputs",):
                 stored, wanted = _without_shapes(stored), _without_shapes(wanted)
+            if stored == wanted:  # fast path: the walk below is slow on long sample lists
+                continue
             difference = _first_difference(stored, wanted)
             if difference:
                 where, a, b = difference
@@ -400,7 +414,7 @@ class ActivationStore:
             close = difflib.get_close_matches(name, self.outputs, n=5, cutoff=0.5)
             raise KeyError(f"{name!r} is not recorded in {self.path}; "
                            + (f"did you mean {close}?" if close else f"it holds {self.keys()}"))
-        return StoreArray(self, self.outputs[name], self._index[name])
+        return StoreArray(self, self.outputs[name])
 
     def iter_chunks(self, name: str, size: int, tokens=None) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start, array [<=size, *shape])`` over all samples of an output, reading lazily.
@@ -425,6 +439,10 @@ class ActivationStore:
         """
         from vitlens.hooked import ActivationCache
 
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample {i} is out of range: {self.path} holds {len(self)} samples "
+                             f"(pass 0 <= i < {len(self)}, or a negative index from the end)")
+        i %= len(self)
         if model is not None:
             self.check_model(model)
         cache = {spec.hook: torch.from_numpy(self[name][i:i + 1])
@@ -470,7 +488,7 @@ class ActivationStore:
         """
         self._check_shards([shard for shard, *_ in listing])
         index_path = self.path / INDEX_FILE
-        tmp = index_path.with_name(f".{INDEX_FILE}.{os.getpid()}.tmp")
+        tmp = _tmp_path(index_path)
         try:
             with h5py.File(tmp, "w") as f:
                 self._fill_index(f, listing)
@@ -633,6 +651,11 @@ def _open_if_current(index_path: Path, store_id: str, listing: list[list]) -> h5
         return index
     index.close()
     return None
+
+
+def _tmp_path(path: Path) -> Path:
+    """A temporary name next to `path`, unique across processes and hosts (stores may be on shared filesystems)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
 
 
 def _write_durably(path: Path, data: bytes) -> None:
