@@ -329,3 +329,60 @@ def test_training_scenes_are_deterministic_and_use_only_training_digits():
     assert len(train_digits) == 4000 and len(held_out) == 1000
     assert np.bincount(train_labels, minlength=10).min() > 300 and np.bincount(held_labels).min() >= SCENES_PER_CLASS
     assert not {d.tobytes() for d in train_digits} & {d.tobytes() for d in held_out}
+
+
+def test_stimuli_true_reads_the_default_csv(imagenet_s):
+    with pytest.raises(FileNotFoundError, match="validation_stim_info.csv does not exist.*stimuli=False"):
+        ImageNetS(imagenet_s, transform=ToTensor(), stimuli=True)
+    ImageNetS(imagenet_s, transform=ToTensor(), n_per_class=3).save_stim_info()
+    assert len(ImageNetS(imagenet_s, transform=ToTensor(), stimuli=True)) == 9
+
+
+@pytest.mark.parametrize("n_per_class", [0, -1])
+def test_n_per_class_below_one_is_an_error(imagenet_s, n_per_class):
+    with pytest.raises(ValueError, match=f"n_per_class must be at least 1 \\(got {n_per_class}\\)"):
+        ImageNetS(imagenet_s, transform=ToTensor(), stimuli=False, n_per_class=n_per_class)
+
+
+def test_empty_selection_is_an_error_naming_the_folder(imagenet_s):
+    split = imagenet_s / "ImageNetS919" / "validation"
+    with pytest.raises(ValueError, match=f"no images selected from {split} with n_per_class=4"):
+        ImageNetS(imagenet_s, transform=ToTensor(), stimuli=False, n_per_class=4)
+    for folder in split.iterdir():
+        for path in folder.iterdir():
+            path.unlink()
+        folder.rmdir()
+    with pytest.raises(ValueError, match=f"{split} has no class folders"):
+        ImageNetS(imagenet_s, transform=ToTensor(), stimuli=False)
+
+
+@pytest.mark.parametrize("index", [-1, 1000])
+def test_stimuli_index_out_of_range_is_an_error(imagenet_s, index):
+    path = imagenet_s / "stim.csv"
+    pd.DataFrame({"imagenet_id": ["n01443537", "n01531178"], "index": [1, index], "cat": ["goldfish", "finch"],
+                  "img_name": ["ILSVRC2012_val_00000001.JPEG", "ILSVRC2012_val_00000004.JPEG"],
+                  "img_index": [0, 0]}).to_csv(path, index=False)
+    with pytest.raises(ValueError, match=f"\\('ILSVRC2012_val_00000004.JPEG', {index}\\).*expected 0..999"):
+        ImageNetS(imagenet_s, transform=ToTensor(), stimuli=path)
+
+
+def test_image_folder_takes_n_per_class_and_refuses_imagenet_s_options(tmp_path):
+    for name in ("ants", "bees"):
+        (tmp_path / name).mkdir()
+        for stem in ("a", "b"):
+            Image.new("RGB", (8, 8)).save(tmp_path / name / f"{stem}.png")
+    (tmp_path / "cats").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "cats" / "a.png")
+    ds = load_dataset(tmp_path, transform=ToTensor(), n_per_class=2)
+    assert ds.samples["sample_id"].tolist() == ["ants/a", "ants/b", "bees/a", "bees/b"]
+    assert ds.samples["label"].tolist() == [0, 0, 1, 1]
+    assert len(load_dataset(tmp_path, transform=ToTensor(), stimuli=False)) == 5  # defaults are fine
+    with pytest.raises(ValueError, match="split, grid do not apply to the image folder"):
+        load_dataset(tmp_path, "train", grid=(4, 4))
+
+
+def test_encode_segmentation_refuses_ids_it_cannot_store():
+    assert np.asarray(encode_segmentation(np.array([[65535]]))).tolist() == [[[255, 255, 0]]]
+    for ids in ([[0, 65536]], [[-1, 3]]):
+        with pytest.raises(ValueError, match="expected ids in 0..65535"):
+            encode_segmentation(np.array(ids))

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.tiny import SyntheticImages, tiny_model
+from timm.models.vision_transformer import VisionTransformer
 
 import vitlens
 from vitlens.patching import Patch, patch_hooks, patch_sweep, patch_value, run_patched, token_table
@@ -131,3 +132,33 @@ def test_sweep_checks_the_store(model, store, dataset):
         patch_sweep(model, images, store, "blocks.0.hook_attn_out", DONOR, metric)
     with pytest.raises(StoreMismatchError, match="weights hash differs"):
         patch_sweep(tiny_model(seed=1, reg_tokens=2), images, store, "blocks.0.hook_mlp_out", DONOR, metric)
+
+
+def test_empty_sources_and_token_selections_are_errors(model, store, dataset):
+    with pytest.raises(ValueError, match="source is an empty list of sample indices"):
+        patch_value(store, "blocks.0.hook_resid_post", [])
+    with pytest.raises(ValueError, match="a 'zero' source takes none"):
+        patch_value(store, "blocks.0.hook_resid_post", "zero", label=1)
+    metric = lambda logits: logits[:, 0]  # noqa: E731
+    with pytest.raises(ValueError, match="tokens=\\[\\] selects no token"):
+        patch_sweep(model, image(dataset, TARGET), store, "blocks.0.hook_resid_post", DONOR, metric, tokens=[])
+
+
+def test_whole_patch_of_a_token_subset_is_an_error(model, store, dataset):
+    with pytest.raises(ValueError, match="recorded at tokens \\[0, 4, 9\\] only.*pass tokens="):
+        run_patched(model, image(dataset, TARGET), store, [Patch("blocks.0.hook_mlp_out", DONOR)])
+
+
+def test_images_on_another_token_grid_are_refused(store):
+    torch.manual_seed(0)  # tiny_model's weights, taking any image size
+    vit = VisionTransformer(img_size=32, patch_size=8, in_chans=3, num_classes=10, embed_dim=32, depth=2,
+                            num_heads=2, mlp_ratio=2, reg_tokens=2, dynamic_img_size=True)
+    dynamic = vitlens.HookedViT.from_timm(vit, tag="tiny-test")
+    large = torch.randn(1, 3, 48, 48)
+    with pytest.raises(StoreMismatchError, match="6x6 token grid but .* 4x4 grid"):
+        run_patched(dynamic, large, store, [Patch("blocks.0.hook_resid_post", DONOR, tokens=[0])])
+    with pytest.raises(StoreMismatchError, match="6x6 token grid"):
+        patch_sweep(dynamic, large, store, "blocks.0.hook_resid_post", DONOR, lambda logits: logits[:, 0],
+                    tokens="cls")
+    patched = run_patched(dynamic, large, store, [Patch("hook_logits", DONOR)])  # no token axis: any grid
+    np.testing.assert_array_equal(patched.numpy(), store["hook_logits"][DONOR:DONOR + 1])

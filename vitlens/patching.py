@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from vitlens.store import ActivationStore, OutputSpec
+from vitlens.store import ActivationStore, OutputSpec, StoreMismatchError
 
 
 def token_table(layout) -> pd.DataFrame:
@@ -44,25 +44,29 @@ def token_table(layout) -> pd.DataFrame:
 def patch_value(store: ActivationStore, hook: str, source, label: int | None = None) -> torch.Tensor:
     """The stored activation of `hook` to patch in: [*stored shape] (float32 for means).
 
-    `source` is a sample index (that sample), a sequence of sample indices (their mean), "mean" (the mean
-    over all samples, or over the samples of class `label`) or "zero". Means are accumulated in float64,
+    `source` is a sample index (that sample), a non-empty sequence of sample indices (their mean), "mean" (the
+    mean over all samples, or over the samples of class `label`) or "zero". Means are accumulated in float64,
     one chunk of samples at a time.
     """
     array = store[hook]
     if isinstance(source, str):
-        if source == "zero":
-            return torch.zeros(array.shape[1:], dtype=torch.float32)
-        if source != "mean":
+        if source not in ("mean", "zero"):
             raise ValueError(f"unknown patch source {source!r}; use a sample index, indices, 'mean' or 'zero'")
+        if source == "zero":
+            if label is not None:
+                raise ValueError("label= selects the samples of a 'mean' source; a 'zero' source takes none")
+            return torch.zeros(array.shape[1:], dtype=torch.float32)
         labels = store.samples["label"].to_numpy()
         source = np.flatnonzero(labels == label) if label is not None else np.arange(len(store))
         if len(source) == 0:
-            raise ValueError(f"{store.path} has no sample of class {label}")
+            raise ValueError(f"{store.path} has no sample" + (f" of class {label}" if label is not None else "s"))
     elif label is not None:
         raise ValueError("label= selects the samples of a 'mean' source; it does not apply to sample indices")
     if np.ndim(source) == 0:
         return torch.from_numpy(array[int(source)])
     indices = np.asarray(source)
+    if len(indices) == 0:
+        raise ValueError("source is an empty list of sample indices; pass at least one index, 'mean' or 'zero'")
     total = np.zeros(array.shape[1:], dtype=np.float64)
     for chunk in np.array_split(indices, max(1, len(indices) // 256)):
         total += array[chunk].sum(axis=0, dtype=np.float64)
@@ -82,7 +86,8 @@ class Patch:
 
 
 def patch_hooks(store: ActivationStore, patches: Sequence[Patch], device="cpu") -> list[tuple[str, Callable]]:
-    """``fwd_hooks`` for ``model.run_with_hooks`` / ``model.hooks`` that apply `patches` to every image."""
+    """``fwd_hooks`` for ``model.run_with_hooks`` / ``model.hooks`` that apply `patches` to every image
+    (`device`: the model's)."""
     hooks = []
     for patch in patches:
         spec = store[patch.hook].spec
@@ -92,10 +97,12 @@ def patch_hooks(store: ActivationStore, patches: Sequence[Patch], device="cpu") 
 
 
 def run_patched(model, images: torch.Tensor, store: ActivationStore, patches: Sequence[Patch]) -> torch.Tensor:
-    """Logits [batch n_classes] of `images` with `patches` applied (inference mode)."""
+    """Logits [batch n_classes] of `images` with `patches` applied (inference mode, on the model's device)."""
     store.check_model(model)
+    _check_layout(model, images, store, [store[patch.hook].spec for patch in patches])
+    device = _device(model)
     with torch.inference_mode():
-        return model.run_with_hooks(images, fwd_hooks=patch_hooks(store, patches, _device(model)))
+        return model.run_with_hooks(images.to(device), fwd_hooks=patch_hooks(store, patches, device))
 
 
 def patch_sweep(model, images: torch.Tensor, store: ActivationStore, hooks: str | Sequence[str], source,
@@ -109,56 +116,72 @@ def patch_sweep(model, images: torch.Tensor, store: ActivationStore, hooks: str 
         source: what to patch in (see :func:`patch_value`), e.g. the clean donor's sample index.
         metric: logits [b n_classes] -> [b] (e.g. ``lambda logits: logits[:, c]``); averaged over images.
         tokens: layout tokens to sweep: "all", a kind ("patches", ...) or indices; each must be stored.
-        batch_size: images per forward; several token positions share a forward.
+        batch_size: images per forward: each forward runs ``batch_size // b`` token positions (at least one),
+            a copy of the b images for each.
 
     Returns a DataFrame with one row per (hook, token): hook, layer, token, kind, name, row, col, metric.
     """
     store.check_model(model)
     names = _expand(store, hooks)
+    _check_layout(model, images, store, [store.outputs[hook] for hook in names])
     layout = model.layout_for(images)
-    table = token_table(layout).set_index("token")
     positions = layout.tokens(tokens) if isinstance(tokens, str) else torch.as_tensor(tokens).flatten()
+    if len(positions) == 0:
+        raise ValueError(f"tokens={tokens!r} selects no token of the layout; pass a kind the model has or indices")
     n_images = len(images)
     group = max(1, batch_size // n_images)
     device = _device(model)
-    rows = []
+    tiled = images.to(device).repeat(min(group, len(positions)), 1, 1, 1)  # row k * n_images + j: image j, position k
+    metrics = []
     for hook in names:
         spec = store.outputs[hook]
         value = patch_value(store, hook, source, label).to(device)
         for start in range(0, len(positions), group):
             chosen = positions[start:start + group]
-            per_image = chosen.repeat_interleave(n_images)  # image j at position k: row k * n_images + j
-            fn = _replace_tokens(spec, value, per_image, per_row=True)
+            fn = _replace_tokens(spec, value, chosen.repeat_interleave(n_images), per_row=True)
             with torch.inference_mode():
-                logits = model.run_with_hooks(images.repeat(len(chosen), 1, 1, 1), fwd_hooks=[(hook, fn)])
-            for token, part in zip(chosen.tolist(), logits.view(len(chosen), n_images, -1)):
-                rows.append({"hook": hook, "layer": _layer(hook), "token": token, **table.loc[token],
-                             "metric": float(metric(part).float().mean())})
-    return pd.DataFrame(rows).astype({"layer": "Int64", "row": "Int64", "col": "Int64"})
+                logits = model.run_with_hooks(tiled[:len(chosen) * n_images], fwd_hooks=[(hook, fn)])
+            metrics += [metric(part).float().mean() for part in logits.view(len(chosen), n_images, -1)]
+    sweep = pd.DataFrame({"hook": np.repeat(names, len(positions)), "token": positions.tolist() * len(names)})
+    sweep.insert(1, "layer", pd.array([_layer(hook) for hook in sweep["hook"]], dtype="Int64"))
+    return sweep.merge(token_table(layout), on="token", how="left").assign(metric=torch.stack(metrics).tolist())
+
+
+def _check_layout(model, images: torch.Tensor, store: ActivationStore, specs: Sequence[OutputSpec]) -> None:
+    """Token positions only carry over between the store and `images` when their token grids agree."""
+    if all(spec.token_axis is None for spec in specs):
+        return
+    grid, recorded = model.layout_for(images).grid, store.layout.grid
+    if grid != recorded:
+        raise StoreMismatchError(f"the images give a {grid[0]}x{grid[1]} token grid but {store.path} was recorded on "
+                                 f"a {recorded[0]}x{recorded[1]} grid; patch images of the size the store was "
+                                 "recorded at")
 
 
 def _replace_tokens(spec: OutputSpec, value: torch.Tensor, positions, per_row: bool = False) -> Callable:
-    """A hook fn that writes `value` (stored shape) into the activation at layout token `positions`.
+    """A hook fn that writes `value` (stored shape, on the model's device) into the activation at layout token
+    `positions`.
 
     `positions` None replaces the whole activation. With `per_row`, `positions` holds one token per row
     of the batch; otherwise every row is patched at all `positions`.
     """
     if positions is None:
+        if spec.tokens is not None:
+            raise ValueError(f"{spec.name} was recorded at tokens {list(spec.tokens)} only, so it cannot be "
+                             "patched whole; pass tokens= (some of those)")
         return lambda activation, hook: value.to(activation.dtype).expand_as(activation).clone()
     if spec.token_axis is None:
         raise ValueError(f"{spec.name} has no token axis; patch it whole (tokens=None)")
     positions = torch.as_tensor(positions, dtype=torch.long)
     stored = positions if spec.tokens is None else _stored_positions(spec, positions)
     rows_of_value = value.movedim(spec.token_axis, 0)[stored.to(value.device)]  # [n positions, *other axes]
+    index = positions.to(value.device)
+    batch_rows = torch.arange(len(index), device=value.device) if per_row else slice(None)
 
     def hook_fn(activation, hook):
         patched = activation.clone()
         tokens_first = patched.movedim(spec.token_axis + 1, 1)  # a view: writes land in `patched`
-        index = positions.to(activation.device)
-        if per_row:
-            tokens_first[torch.arange(len(index), device=index.device), index] = rows_of_value.to(activation.dtype)
-        else:
-            tokens_first[:, index] = rows_of_value.to(activation.dtype)
+        tokens_first[batch_rows, index] = rows_of_value.to(activation.dtype)
         return patched
 
     return hook_fn

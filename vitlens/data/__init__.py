@@ -36,7 +36,8 @@ def load_dataset(name_or_root: str | Path, split: str = "validation", *, model=N
 
     name_or_root: "scenes" (the bundled scene set, generated on first use under `root` or `cache_dir()` with
     `seed`), an ImageNet-S root (holding `ImageNetS{N}/`, see `ImageNetS`), or a labelled image folder
-    `root/<class>/<image>` (`ImageFolderDataset`; `split` and the mask options do not apply).
+    `root/<class>/<image>` (`ImageFolderDataset`; `split`, `variant`, `stimuli`, `grid` and `mask_resize` do
+    not apply and must keep their defaults). `n_per_class` keeps the first n images of each class.
     Preprocessing: timm's eval transform for `model.data_config`, tokens from `model.layout.grid`; explicit
     `data_config`, `transform` or `grid` win. Without a model: the scenes' own config and 6x6 grid; timm's
     default ImageNet config and no token masks for ImageNet-S (pass `grid=`). Masks follow the image's resize
@@ -61,4 +62,11 @@ def load_dataset(name_or_root: str | Path, split: str = "validation", *, model=N
     if is_imagenet_s(path):
         return ImageNetS(path, split, variant=variant, model=model, data_config=data_config, transform=transform,
                          grid=grid, mask_resize=mask_resize, n_per_class=n_per_class, stimuli=stimuli)
-    return ImageFolderDataset(path, model=model, data_config=data_config, transform=transform)
+    changed = {"split": split != "validation", "variant": variant is not None, "stimuli": stimuli not in (None, False),
+               "grid": grid is not None, "mask_resize": mask_resize != "nearest"}
+    not_applying = [name for name, is_set in changed.items() if is_set]
+    if not_applying:
+        raise ValueError(f"{', '.join(not_applying)} do not apply to the image folder {path} (it has no splits, "
+                         "variants, stimuli CSV or masks); leave them at their defaults, or pass an ImageNet-S root")
+    return ImageFolderDataset(path, model=model, data_config=data_config, transform=transform,
+                              n_per_class=n_per_class)

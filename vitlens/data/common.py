@@ -7,7 +7,7 @@ from typing import Callable
 import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
-from timm.data import create_transform, resolve_data_config
+from timm.data import ImageNetInfo, create_transform, resolve_data_config
 from torch.utils.data import Dataset
 
 from .masks import MASK_RESIZE_MODES, decode_segmentation, input_box, token_mask
@@ -39,6 +39,43 @@ def resolve_preprocessing(model=None, data_config: dict | None = None, transform
     if transform is None:
         transform = create_transform(**{k: data_config[k] for k in DATA_CONFIG_KEYS if k in data_config})
     return data_config, transform, (tuple(int(g) for g in grid) if grid is not None else None)
+
+
+def imagenet_synsets() -> pd.DataFrame:
+    """timm's ImageNet-1k classes: DataFrame with columns (wnid, name), row i = output index i."""
+    info = ImageNetInfo()
+    return pd.DataFrame({"wnid": info.label_names(),
+                         "name": [info.index_to_description(i) for i in range(info.num_classes())]})
+
+
+def class_images(folder: Path, expected: str, skip: frozenset[str] = frozenset()) -> dict[str, list[Path]]:
+    """The image files of each class folder `folder/<class>/`, classes and files sorted by name, leaving out the
+    classes in `skip`. No class folder, or a class folder without images, is an error (`expected` names the
+    layout)."""
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir())
+    if not class_dirs:
+        raise ValueError(f"{folder} has no class folders; expected {expected}")
+    files = {d.name: sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+             for d in class_dirs if d.name not in skip}
+    empty = [name for name, paths in files.items() if not paths]
+    if empty:
+        raise ValueError(f"class folders {empty[:5]} in {folder} hold no images; expected {expected} "
+                         "with extensions such as .jpg, .png")
+    return files
+
+
+def first_per_class(chosen: pd.DataFrame, n_per_class: int | None, source: Path) -> pd.DataFrame:
+    """The first `n_per_class` rows of each class (column "class"), dropping classes with fewer rows, as the
+    seeds do; None keeps every row. An empty selection is an error naming `source`."""
+    if n_per_class is not None:
+        if n_per_class < 1:
+            raise ValueError(f"n_per_class must be at least 1 (got {n_per_class}); pass None to keep every image")
+        counts = chosen["class"].map(chosen["class"].value_counts())
+        chosen = chosen[counts >= n_per_class].groupby("class").head(n_per_class)
+    if chosen.empty:
+        fewer = f" with n_per_class={n_per_class} (every class has fewer images)" if n_per_class else ""
+        raise ValueError(f"no images selected from {source}{fewer}; expected at least one image")
+    return chosen
 
 
 def load_rgb(path: Path | str) -> Image.Image:

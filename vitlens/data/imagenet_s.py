@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 import pandas as pd
-from timm.data import ImageNetInfo
 
-from .common import IMAGE_EXTENSIONS, ImageDataset, resolve_preprocessing
+from .common import ImageDataset, class_images, first_per_class, imagenet_synsets, resolve_preprocessing
 
 # vit-cls_emb leaves out the five classes ImageNet-S 919 merged into others, and their merge targets.
 CATS_EXCLUDE_919 = frozenset({"n04356056", "n04355933", "n04493381", "n02808440", "n03642806",
@@ -75,20 +74,20 @@ def read_synset_mapping(root: Path, n_classes: int) -> pd.DataFrame:
         if path.is_file():
             rows = [line.partition(" ")[::2] for line in path.read_text().splitlines() if line.strip()]
             return pd.DataFrame(rows, columns=["wnid", "name"])
-    info = ImageNetInfo()
-    return pd.DataFrame({"wnid": info.label_names(),
-                         "name": [info.index_to_description(i) for i in range(info.num_classes())]})
+    return imagenet_synsets()
 
 
 class ImageNetS(ImageDataset):
     """An ImageNet-S split as a torch Dataset (items: see `common.ImageDataset`).
 
     Samples, in this order of preference:
-      * `stimuli` CSV (default `ImageNetS{N}/{split}_stim_info.csv` when it exists; `stimuli=False` ignores it):
-        its rows, sorted by class and img_index, with label = its `index` column;
+      * a stimuli CSV: the path `stimuli`, or with `stimuli=True` (which requires it) or None (when it exists)
+        the default `ImageNetS{N}/{split}_stim_info.csv`; its rows, sorted by class and img_index, with
+        label = its `index` column (a row of the synset mapping); `stimuli=False` reads no CSV;
       * otherwise the class folders and image files sorted by name (vit-cls_emb used the unreproducible
         `iterdir` order). For ImageNetS919 the 10 classes of `CATS_EXCLUDE_919` are left out, as in the seeds.
     `n_per_class` keeps the first n images of each class and drops classes with fewer, as the seeds do (n=5).
+    An empty selection is an error.
 
     Labels are model output indices: the row of the class in `LOC_synset_mapping.txt`. The segmentation id of a
     class is its row in the categories file + 1. Splits `validation` and `train-semi` need a mask for every
@@ -115,15 +114,14 @@ class ImageNetS(ImageDataset):
         self.synsets = read_synset_mapping(self.root, self.n_classes)
         self.label_names = self.synsets["name"].tolist()
         default_csv = self.variant_dir / f"{split}_stim_info.csv"
-        if stimuli is None and default_csv.is_file():
-            chosen = self._read_stimuli(default_csv)
-        elif stimuli is None or stimuli is False:
-            chosen = self._scan_folders()
+        if stimuli is None:
+            stimuli = default_csv.is_file()
+        if stimuli is False:
+            chosen, source = self._scan_folders(), self.split_dir
         else:
-            chosen = self._read_stimuli(Path(stimuli))
-        if n_per_class is not None:
-            counts = chosen.groupby("class")["img_name"].transform("size")
-            chosen = chosen[counts >= n_per_class].groupby("class").head(n_per_class)
+            source = default_csv if stimuli is True else Path(stimuli)
+            chosen = self._read_stimuli(source)
+        chosen = first_per_class(chosen, n_per_class, source)
         samples = self._describe(chosen.reset_index(drop=True))
         data_config, transform, grid = resolve_preprocessing(model, data_config, transform, grid)
         super().__init__(samples, sorted(samples["class"].unique()), data_config=data_config, transform=transform,
@@ -131,15 +129,11 @@ class ImageNetS(ImageDataset):
 
     def _scan_folders(self) -> pd.DataFrame:
         """(class, img_name, label) for every image, sorted; unknown class folders are an error."""
-        class_dirs = sorted(p for p in self.split_dir.iterdir() if p.is_dir())
-        self._check_known([p.name for p in class_dirs], self.split_dir)
-        files = {d.name: sorted(f.name for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-                 for d in class_dirs if not (self.n_classes == 919 and d.name in CATS_EXCLUDE_919)}
-        empty = [name for name, names in files.items() if not names]
-        if empty:
-            raise ValueError(f"class folders {empty[:5]} in {self.split_dir} hold no images; expected "
-                             f"{self.split_dir}/<class>/<image>.JPEG")
-        chosen = pd.DataFrame([(c, n) for c, names in files.items() for n in names], columns=["class", "img_name"])
+        self._check_known([p.name for p in self.split_dir.iterdir() if p.is_dir()], self.split_dir)
+        files = class_images(self.split_dir, f"{self.split_dir}/<class>/<image>",
+                             CATS_EXCLUDE_919 if self.n_classes == 919 else frozenset())
+        chosen = pd.DataFrame([(c, p.name) for c, paths in files.items() for p in paths],
+                              columns=["class", "img_name"])
         labels = pd.Series(self.synsets.index, index=self.synsets["wnid"])
         missing = sorted(set(chosen["class"]) - set(labels.index))
         if missing:
@@ -151,11 +145,17 @@ class ImageNetS(ImageDataset):
         """(class, img_name, label) from a stimuli CSV in the seeds' format."""
         if not path.is_file():
             raise FileNotFoundError(f"stimuli file {path} does not exist; expected a CSV with columns "
-                                    f"{','.join(STIM_INFO_COLUMNS)}")
+                                    f"{','.join(STIM_INFO_COLUMNS)} (`save_stim_info` writes one), or pass "
+                                    "stimuli=False to use the class folders")
         table = pd.read_csv(path)
         if list(table.columns) != STIM_INFO_COLUMNS:
             raise ValueError(f"stimuli file {path} has columns {list(table.columns)}; expected {STIM_INFO_COLUMNS}")
         self._check_known(table["imagenet_id"].unique().tolist(), path)
+        bad = table[~table["index"].between(0, len(self.synsets) - 1)]
+        if len(bad):
+            rows = list(bad[["img_name", "index"]].head(5).itertuples(index=False, name=None))
+            raise ValueError(f"stimuli file {path} has rows (img_name, index) {rows} whose index is not a model "
+                             f"output index; expected 0..{len(self.synsets) - 1}, a row of the synset mapping")
         table = table.sort_values(["imagenet_id", "img_index"], kind="stable")
         return pd.DataFrame({"class": table["imagenet_id"], "img_name": table["img_name"], "label": table["index"]})
 

@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 from timm.data.constants import DEFAULT_CROP_PCT
 
-BACKGROUND_ID = 0
 IGNORE_ID = 1000
 MASK_RESIZE_MODES = ("nearest", "area")
 
@@ -33,8 +32,10 @@ def decode_segmentation(path: Path | str) -> np.ndarray:
 
 
 def encode_segmentation(ids: np.ndarray) -> Image.Image:
-    """Inverse of `decode_segmentation`: ids (H, W) -> RGB image (id % 256, id // 256, 0)."""
+    """Inverse of `decode_segmentation`: ids (H, W) in 0..65535 -> RGB image (id % 256, id // 256, 0)."""
     ids = np.asarray(ids, dtype=np.int64)
+    if ids.size and not 0 <= ids.min() <= ids.max() <= 65535:
+        raise ValueError(f"segmentation ids {ids.min()}..{ids.max()} do not fit R + 256*G; expected ids in 0..65535")
     rgb = np.stack([ids % 256, ids // 256, np.zeros_like(ids)], axis=-1).astype(np.uint8)
     return Image.fromarray(rgb, "RGB")
 
