@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 import vitlens
 from common import print_ratio, time_interleaved
 from vitlens import HookedViT
-from vitlens.recorder import ClassRankReducer
+from analyses.class_embedding import ClassRankReducer
 
 HOOKS = "blocks.*.hook_resid_post"
 

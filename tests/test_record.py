@@ -19,7 +19,8 @@ from timm.models.vision_transformer import VisionTransformer
 import vitlens
 from vitlens import ActivationStore, HookedViT, UnknownHookError
 from vitlens.cli import main
-from vitlens.recorder import ClassRankReducer, _Capture
+from analyses.class_embedding import ClassRankReducer
+from vitlens.recorder import _Capture
 from vitlens.store import ShardWriter
 
 TESTS = Path(__file__).parent

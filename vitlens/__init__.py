@@ -21,7 +21,6 @@ _EXPORTS = {
     "NotRecordedError": "vitlens.store",
     "record": "vitlens.recorder",
     "Reducer": "vitlens.recorder",
-    "ClassRankReducer": "vitlens.recorder",
     "load_dataset": "vitlens.data",
 }
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vitlens import registry
+
 _AUTOCAST = {"bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -27,13 +29,13 @@ def _record(args: argparse.Namespace) -> None:
     import torch
 
     from vitlens.data import load_dataset
-    from vitlens.recorder import ClassRankReducer, record
+    from vitlens.recorder import record
     from vitlens.zoo import load_model
 
     model = load_model(args.model)
     dataset = load_dataset(args.dataset, args.split, model=model, n_per_class=args.n_per_class)
     hooks = {name: args.tokens if tokens is None else tokens for name, tokens in args.hook}
-    reducers = [ClassRankReducer(precision=args.class_rank)] if args.class_rank else []
+    reducers = [registry.get_reducer("class_rank")(precision=args.class_rank)] if args.class_rank else []
     store = record(model, dataset, args.path, hooks=hooks, reducers=reducers, dtype=args.dtype,
                    batch_size=args.batch_size, device=args.device, shard_size=args.shard_size,
                    num_workers=args.num_workers,
@@ -102,7 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "every shard; a corrupt shard is named (delete it and resume the recording).")
     rebuild.add_argument("path", help="the store directory")
     rebuild.set_defaults(run=_store_rebuild)
+
+    analyze = commands.add_parser("analyze", help="run an analysis of the class-embedding study over a dataset",
+                                  description="Run one of the published analyses; each writes its tables as CSV.")
+    analyses = analyze.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
+    for command in registry.commands("analyze"):
+        _add_command(analyses, command)
+    for command in registry.commands(""):
+        _add_command(commands, command)
     return parser
+
+
+def _add_command(subparsers, command: registry.Command) -> None:
+    """A subcommand declared in the analyses registry; its target is imported only when it runs."""
+    parser = subparsers.add_parser(command.name, help=command.help, description=command.description or command.help)
+    if command.arguments is not None:
+        command.arguments(parser)
+    parser.set_defaults(run=lambda args: registry.load(command.target)(args))
 
 
 def main(argv: list[str] | None = None) -> int:

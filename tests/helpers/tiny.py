@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 
 import vitlens
 from vitlens import ActivationStore, HookedViT
-from vitlens.recorder import ClassRankReducer
+from analyses.class_embedding import ClassRankReducer
 
 N_CLASSES = 10
 # What the tiny stores record: all tokens, a token subset of an attention pattern, a tokenless hook, ranks.
