@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from vitlens import HookedViT, WeightsNotFoundError, load_model
-from vitlens.zoo import ZOO
+from vitlens.zoo import ZOO, random_twin
 
 ARCH = "vit_tiny_patch16_224"
 SMALL = dict(img_size=32, depth=2, num_classes=10)
@@ -45,10 +45,76 @@ class Evil:
     """Stands for any pickled object that is not a tensor."""
 
 
-def test_pickled_objects_are_refused(tmp_path, reference):
+def test_pickled_objects_are_refused_without_unpickling_advice(tmp_path, reference):
     torch.save({"state_dict": reference.state_dict(), "extra": Evil()}, tmp_path / "evil.pth")
-    with pytest.raises(Exception, match="weights_only|Unsupported global"):
+    with pytest.raises(ValueError, match=r"evil\.pth holds a pickled object of type \S*Evil, not only") as error:
         load_model(ARCH, checkpoint=tmp_path / "evil.pth", **SMALL)
+    assert "weights_only=False" not in str(error.value) and "safe_globals" not in str(error.value)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_garbage_weight_files_are_named(tmp_path, suffix):
+    path = tmp_path / f"garbage{suffix}"
+    path.write_bytes(b"\xff" * 100)
+    with pytest.raises(ValueError, match=rf"garbage\{suffix} is not a readable") as error:
+        load_model(path, arch=ARCH, **SMALL)
+    assert "weights_only=False" not in str(error.value)
+
+
+def test_model_folder_errors_name_the_file(tmp_path, reference):
+    folder = tmp_path / "m"
+    timm.models.save_for_hf(reference, folder, model_args=SMALL, safe_serialization=True)
+    good_config = (folder / "config.json").read_text()
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"m/config\.json is not a timm model config"):
+        load_model(f"local-dir:{folder}")
+    (folder / "config.json").write_text(good_config)
+    (folder / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match=r"m/model\.safetensors is not a readable safetensors file"):
+        load_model(f"local-dir:{folder}")
+
+
+def test_unexpected_keys_in_a_checkpoint_are_refused(tmp_path, reference):
+    state = {**reference.state_dict(), "blocks.0.attn.extra": torch.zeros(3)}
+    save_file(state, tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match=r"w\.safetensors does not fit .*unexpected \['blocks\.0\.attn\.extra'\]"):
+        load_model(tmp_path / "w.safetensors", arch=ARCH, **SMALL)
+    with pytest.raises(ValueError, match=r"unexpected \['blocks\.0\.attn\.extra'\]"):
+        load_model(ARCH, checkpoint=tmp_path / "w.safetensors", **SMALL)
+    folder = tmp_path / "m"
+    timm.models.save_for_hf(reference, folder, model_args=SMALL, safe_serialization=True)
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"m/model\.safetensors does not fit .*blocks\.0\.attn\.extra"):
+        load_model(f"local-dir:{folder}")
+
+
+def test_home_directory_paths_are_expanded(tmp_path, monkeypatch, reference):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    save_file(reference.state_dict(), tmp_path / "w.safetensors")
+    timm.models.save_for_hf(reference, tmp_path / "m", model_args=SMALL, safe_serialization=True)
+    assert_same_model(load_model("~/w.safetensors", arch=ARCH, **SMALL), reference)
+    assert_same_model(load_model(ARCH, checkpoint="~/w.safetensors", **SMALL), reference)
+    assert_same_model(load_model("local-dir:~/m"), reference)
+    assert_same_model(load_model("~/m"), reference)
+
+
+def test_random_twin_is_timm_init_under_the_seed_for_every_source(tmp_path, reference):
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    twin = random_twin("tiny-scenes", seed=7)
+    assert torch.equal(torch.get_rng_state(), before)  # the global RNG is left alone
+    torch.manual_seed(7)
+    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48, patch_size=8, num_classes=10,
+                              embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0).eval()
+    for (name, a), b in zip(twin.vit.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), name
+    trained = load_model("tiny-scenes")
+    assert not torch.equal(twin.vit.head.weight, trained.vit.head.weight)
+    assert twin.data_config == trained.data_config and twin.tag == "tiny-scenes (random init, seed 7)"
+    save_file(reference.state_dict(), tmp_path / "w.safetensors")
+    from_file = random_twin(tmp_path / "w.safetensors", arch=ARCH, seed=0, **SMALL)
+    assert_same_model(from_file, reference)  # the reference is timm's init under seed 0
+    assert_same_model(random_twin(ARCH, seed=0, **SMALL), reference)
 
 
 def test_checkpoint_of_another_architecture_is_named(tmp_path, reference):

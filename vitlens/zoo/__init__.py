@@ -17,7 +17,10 @@ Weights are never fetched from a hub unless ``allow_download=True``: a missing f
 from __future__ import annotations
 
 import difflib
+import json
 import os
+import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -88,17 +91,45 @@ def load_model(
         device: where to put the model.
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``num_classes``, ``dynamic_img_size``).
     """
-    name = str(name)
+    vit, tag = _build(name, checkpoint=checkpoint, arch=arch, pretrained=pretrained,
+                      allow_download=allow_download, timm_kwargs=timm_kwargs)
+    if device is not None:
+        vit = vit.to(device)
+    return HookedViT.from_timm(vit, tag=tag)
+
+
+def random_twin(name: Union[str, os.PathLike], *, seed: int = 0, arch: Optional[str] = None,
+                device: Union[str, torch.device, None] = None, **timm_kwargs) -> HookedViT:
+    """The architecture of ``load_model(name)`` with timm's random init under ``torch.manual_seed(seed)``.
+
+    Works for every source (bundled models and ``local-dir:`` folders take the architecture from their
+    ``config.json``, checkpoint files from `arch`) and reads no weights; the global RNG is left as it was.
+    The random baselines of the class-embedding study compare a model with its twin. The tag is
+    ``"<name's tag> (random init, seed <seed>)"``.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vit, tag = _build(name, arch=arch, pretrained=False, timm_kwargs=timm_kwargs, twin=True)
+    if device is not None:
+        vit = vit.to(device)
+    return HookedViT.from_timm(vit, tag=f"{tag} (random init, seed {seed})")
+
+
+def _build(name, *, checkpoint=None, arch=None, pretrained=True, allow_download=False, timm_kwargs: dict,
+           twin: bool = False) -> tuple[torch.nn.Module, str]:
+    """(timm model, tag) for a load_model source; `twin` builds the architecture with random weights."""
+    name = os.path.expanduser(str(name))
+    checkpoint = None if checkpoint is None else Path(checkpoint).expanduser()
     # Arguments that a source does not use are refused rather than silently ignored.
     given = [arg for arg, is_given in (("checkpoint=", checkpoint is not None), ("arch=", arch is not None),
-                                       ("pretrained=False", not pretrained), ("allow_download=True", allow_download))
+                                       ("pretrained=False", not pretrained and not twin),
+                                       ("allow_download=True", allow_download))
              if is_given]
     hub_args = ("checkpoint=",) if checkpoint is not None else ("pretrained=False", "allow_download=True")
     if name in ZOO and ZOO[name].bundled:
         _refuse_unused(name, given, (), "a bundled model (its weights ship with vitlens)")
-        vit = _create_from_dir(BUNDLED_DIR / ZOO[name].bundled, timm_kwargs)
-        tag = name
-    elif name in ZOO:
+        return _create_from_dir(BUNDLED_DIR / ZOO[name].bundled, timm_kwargs, twin), name
+    if name in ZOO:
         entry = ZOO[name]
         _refuse_unused(name, given, hub_args, "a zoo nickname")
         if entry.checkpoint_hint and checkpoint is None and pretrained:
@@ -106,31 +137,29 @@ def load_model(
                 f"{name!r} has no hub weights: download {entry.checkpoint_hint} and pass "
                 f"load_model({name!r}, checkpoint='/path/to/file'), or pretrained=False for random weights."
             )
-        vit = _create(entry.timm_name, checkpoint, pretrained, allow_download, {**entry.kwargs, **timm_kwargs},
-                      extra_keys=entry.extra_keys)
-        tag = name
-    elif name.startswith("local-dir:") or Path(name).is_dir():
+        return _create(entry.timm_name, checkpoint, pretrained, allow_download, {**entry.kwargs, **timm_kwargs},
+                       extra_keys=entry.extra_keys), name
+    if name.startswith("local-dir:") or Path(name).is_dir():
         _refuse_unused(name, given, (), "a model folder (its weights come from the folder)")
         path = Path(name.removeprefix("local-dir:")).expanduser()
-        vit = _create_from_dir(path, timm_kwargs)
-        tag = f"local-dir:{path.resolve()}"
-    elif Path(name).suffix in _WEIGHT_SUFFIXES:
+        return _create_from_dir(path, timm_kwargs, twin), f"local-dir:{path.resolve()}"
+    if Path(name).suffix in _WEIGHT_SUFFIXES:
         _refuse_unused(name, given, ("arch=",), "a checkpoint file (the file is the weights)")
         if arch is None:
             raise ValueError(f"Loading the checkpoint file {name} needs its architecture: pass arch='<timm model name>'.")
-        vit = _create(arch, name, True, False, timm_kwargs)
-        tag = f"{arch}@{Path(name).name}"
-    else:
-        if not timm.is_model(name):
-            close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=5, cutoff=0.8)
-            raise ValueError(f"Unknown model {name!r}: not a vitlens nickname ({', '.join(ZOO)}) nor a timm model"
-                             + (f"; close timm names: {', '.join(close)}." if close else "."))
-        _refuse_unused(name, given, hub_args, "a timm model name")
-        vit = _create(name, checkpoint, pretrained, allow_download, timm_kwargs)
-        tag = name
-    if device is not None:
-        vit = vit.to(device)
-    return HookedViT.from_timm(vit, tag=tag)
+        _check_timm_name(arch)
+        return _create(arch, None if twin else name, not twin, False, timm_kwargs), f"{arch}@{Path(name).name}"
+    _check_timm_name(name)
+    _refuse_unused(name, given, hub_args, "a timm model name")
+    return _create(name, checkpoint, pretrained, allow_download, timm_kwargs), name
+
+
+def _check_timm_name(name: str) -> None:
+    """ValueError for a name that is neither a nickname nor a timm model, with close timm names."""
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=5, cutoff=0.8)
+        raise ValueError(f"Unknown model {name!r}: not a vitlens nickname ({', '.join(ZOO)}) nor a timm model"
+                         + (f"; close timm names: {', '.join(close)}." if close else "."))
 
 
 def _refuse_unused(name: str, given: list, applies: tuple, source: str) -> None:
@@ -144,17 +173,40 @@ def _refuse_unused(name: str, given: list, applies: tuple, source: str) -> None:
         )
 
 
-def _create_from_dir(path: Path, timm_kwargs: dict) -> torch.nn.Module:
-    """A folder in timm's ``save_for_hf`` format: config.json + model.safetensors (or pytorch_model.bin)."""
-    if not (path / "config.json").is_file():
+def _create_from_dir(path: Path, timm_kwargs: dict, twin: bool = False) -> torch.nn.Module:
+    """A folder in timm's ``save_for_hf`` format: config.json + model.safetensors (or pytorch_model.bin).
+
+    Every error names the file at fault; weights that do not fit the architecture (missing, unexpected or
+    reshaped keys) are refused. `twin` builds the folder's architecture with random weights."""
+    config = path / "config.json"
+    if not config.is_file():
         raise WeightsNotFoundError(
             f"{path} is not a model folder: expected config.json and model.safetensors "
             "(written by timm.models.save_for_hf)."
         )
+    try:
+        architecture = json.loads(config.read_text()).get("architecture")
+    except (ValueError, AttributeError) as error:
+        raise ValueError(f"{config} is not a timm model config ({error}); expected the JSON object with "
+                         "'architecture' and 'model_args' that timm.models.save_for_hf writes.") from None
+    if not isinstance(architecture, str) or not timm.is_model(architecture):
+        raise ValueError(f"{config} names the architecture {architecture!r}, which is not a timm model; "
+                         "expected the config.json that timm.models.save_for_hf writes.")
+    if twin:
+        return timm.create_model(f"local-dir:{path}", pretrained=False, **timm_kwargs)
     weights = next((path / f for f in ("model.safetensors", "pytorch_model.bin") if (path / f).is_file()), None)
     if weights is None:
         raise WeightsNotFoundError(f"{path} has config.json but no model.safetensors or pytorch_model.bin.")
-    return _create_pretrained(f"local-dir:{path}", timm_kwargs)
+    from safetensors import SafetensorError
+
+    try:
+        return _create_pretrained(f"local-dir:{path}", timm_kwargs)
+    except (RuntimeError, SafetensorError, pickle.UnpicklingError, OSError) as error:
+        _read_state_dict(weights)  # a file that cannot be read is named here, with the reason
+        reason = str(error).strip().splitlines()  # else timm's strict load: missing, unexpected or reshaped keys
+        raise ValueError(f"{weights} does not fit {architecture} (from {config}): "
+                         f"{' '.join(line.strip() for line in reason[:4])}. Save the folder again with "
+                         "timm.models.save_for_hf from the model these weights belong to.") from None
 
 
 def _create(timm_name: str, checkpoint, pretrained: bool, allow_download: bool, kwargs: dict,
@@ -226,18 +278,44 @@ def _find_in_hf_cache(timm_name: str) -> str:
 
 
 def _read_state_dict(path: Path) -> dict:
-    """Tensors only: safetensors, or torch.load(weights_only=True); prefixes like 'model.' are stripped."""
+    """Tensors only: safetensors, or torch.load(weights_only=True); prefixes like 'model.' are stripped.
+
+    A file that is not such a checkpoint raises ValueError naming it; pickled objects other than tensors are
+    refused, never unpickled."""
     if not path.is_file():
         raise WeightsNotFoundError(f"Checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{path} is not a readable safetensors file ({error}); expected weights written by "
+                             "safetensors.torch.save_file (re-download it if it was cut short).") from None
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+            if found is None:
+                raise ValueError(f"{path} is not a readable PyTorch checkpoint: torch.load(weights_only=True) "
+                                 "cannot parse it. Expected a state dict saved with torch.save.") from None
+            raise ValueError(
+                f"{path} holds a pickled object of type {found.group(1)}, not only tensors; vitlens reads "
+                "checkpoints as tensors and never unpickles code. Convert the file once, where you trust it, into "
+                "a state dict of tensors (safetensors.torch.save_file(state_dict, 'model.safetensors')) and "
+                "load that.") from None
+        except (RuntimeError, EOFError, OSError) as error:
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint ({str(error).splitlines()[0]}); "
+                             "expected a state dict saved with torch.save or a .safetensors file.") from None
         for key in ("state_dict", "model", "module"):
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        kinds = sorted({type(v).__name__ for v in (state.values() if isinstance(state, dict) else [state])})
+        raise ValueError(f"{path} does not hold a state dict of tensors (found {', '.join(kinds)}); expected "
+                         "{name: tensor}, optionally under 'state_dict', 'model' or 'module'.")
     for prefix in ("module.", "model."):
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
