@@ -367,3 +367,73 @@ def test_cli_reports_an_unsupported_model(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr("vitlens.zoo.load_model", unsupported)
     assert main(["record", "odd-model", "synthetic", str(tmp_path / "store"), "--hook", "hook_logits"]) == 1
     assert "vitlens: error: blocks[0] is a ParallelBlock" in capsys.readouterr().err
+
+
+class InputGradient(vitlens.Computation):
+    """|d logit[label] / d image| summed over channels: [H W], needs autograd."""
+
+    name, dtype, needs_grad = "map.input_grad", "float32", True
+
+    def shape(self, model):
+        return (32, 32)
+
+    def compute(self, model, images, labels):
+        images = images.clone().requires_grad_(True)
+        model(images).gather(1, labels[:, None]).sum().backward()
+        return images.grad.abs().sum(1)
+
+
+class MaskedLogit(vitlens.Computation):
+    """The label logit times the number of marked tokens in the item's token_mask (uses the batch fields)."""
+
+    name, dtype = "masked_logit", "float64"
+
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
+
+    def shape(self, model):
+        return ()
+
+    def compute(self, model, images, labels, batch=None):
+        logits = model(images).gather(1, labels[:, None])[:, 0]
+        return self.scale * logits * batch["token_mask"].flatten(1).sum(1)
+
+
+class WithMasks(SyntheticImages):
+    def __getitem__(self, index):
+        return {**super().__getitem__(index), "token_mask": torch.arange(16).reshape(4, 4) < index % 5}
+
+
+def test_computations_store_per_image_results_with_autograd_and_batch_fields(tmp_path, monkeypatch):
+    model, dataset = tiny_model(), WithMasks(12)
+    forwards = []
+    run_with_hooks = HookedViT.run_with_hooks
+    monkeypatch.setattr(HookedViT, "run_with_hooks", lambda *a, **k: forwards.append(1) or run_with_hooks(*a, **k))
+    store = vitlens.record(model, dataset, tmp_path / "maps", computations=[InputGradient(), MaskedLogit(2.0)],
+                           batch_size=4, shard_size=8, progress=False)
+    assert forwards == []  # computations alone run no hooked forward
+    labels = torch.tensor(dataset.samples.label)
+    images = dataset.images.clone().requires_grad_(True)
+    model.vit(images).gather(1, labels[:, None]).sum().backward()  # plain timm, per-image gradients
+    np.testing.assert_allclose(store["map.input_grad"][:], images.grad.abs().sum(1).numpy(), rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        label_logits = model.vit(dataset.images).gather(1, labels[:, None])[:, 0].double()
+    marked = torch.tensor([i % 5 for i in range(12)], dtype=torch.float64)
+    np.testing.assert_allclose(store["masked_logit"][:], (2.0 * label_logits * marked).numpy(), rtol=1e-6)
+    assert store.outputs["masked_logit"].computation == {"class": "MaskedLogit", "scale": 2.0}
+    with pytest.raises(vitlens.StoreMismatchError, match=r"output set differs at masked_logit.computation.scale"):
+        vitlens.record(model, dataset, tmp_path / "maps", computations=[InputGradient(), MaskedLogit(3.0)],
+                       batch_size=4, shard_size=8, progress=False)
+
+
+def test_computation_of_the_wrong_shape_or_dtype_is_refused(tmp_path):
+    class Wrong(InputGradient):
+        def shape(self, model):
+            return (16, 16)
+
+    with pytest.raises(ValueError, match=r"computation map.input_grad declares shape \(16, 16\) but produced \[32, 32\]"):
+        vitlens.record(tiny_model(), SyntheticImages(8), tmp_path / "a", computations=[Wrong()], progress=False)
+    bad = InputGradient()
+    bad.dtype = "float"
+    with pytest.raises(ValueError, match="computation map.input_grad has dtype 'float'"):
+        vitlens.record(tiny_model(), SyntheticImages(8), tmp_path / "b", computations=[bad], progress=False)

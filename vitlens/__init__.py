@@ -21,6 +21,7 @@ _EXPORTS = {
     "NotRecordedError": "vitlens.store",
     "record": "vitlens.recorder",
     "Reducer": "vitlens.recorder",
+    "Computation": "vitlens.recorder",
     "load_dataset": "vitlens.data",
 }
 

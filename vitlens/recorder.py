@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import inspect
 import os
 import queue
 import tempfile
@@ -20,11 +21,13 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 from tqdm.auto import tqdm
 
 from vitlens.hooked import UnknownHookError
@@ -60,6 +63,37 @@ class Reducer:
     def to_dict(self) -> dict:
         """What the store's metadata records about the reducer (its class and settings)."""
         return {"class": type(self).__name__, **vars(self)}
+
+
+class Computation:
+    """A per-image result computed from each batch, outside the hooked forward: explanation maps (which
+    need autograd), faithfulness scores, anything that is not a reduction of one hook.
+
+    :meth:`compute` gets the model, the batch's images ``[batch C H W]`` and labels ``[batch]`` on the device
+    (and, if it accepts a ``batch`` keyword, the batch's other item fields collated, e.g. ``token_mask``
+    ``[batch grid_h grid_w]``) and returns ``[batch, *shape]``, which the store keeps under :attr:`name` as
+    :attr:`dtype`. It runs under the recording's autocast, in inference mode unless :attr:`needs_grad`.
+    """
+
+    name: str
+    dtype: str
+    needs_grad: bool = False
+
+    def shape(self, model) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def compute(self, model, images: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        """What the store's metadata records about the computation (its class and settings)."""
+        return {"class": type(self).__name__, **vars(self)}
+
+    @property
+    def wants_batch(self) -> bool:
+        """Whether :meth:`compute` takes the collated extra item fields (a ``batch`` or ``**`` keyword)."""
+        parameters = inspect.signature(self.compute).parameters.values()
+        return any(p.name == "batch" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def token_axis(hook: str) -> int | None:
@@ -115,14 +149,30 @@ class _Capture:
     """Forward hooks that keep the selected tokens of each hook and the reducer results of one batch."""
 
     def __init__(self, model, hooks: dict[str, list[int] | None], reducers: Sequence[Reducer], dtype: str,
-                 autocast: torch.dtype | None, device: torch.device):
+                 autocast: torch.dtype | None, device: torch.device, computations: Sequence[Computation] = ()):
         self.model, self.dtype, self.autocast = model, getattr(torch, dtype), autocast
-        self.hooks, self.reducers = hooks, list(reducers)
+        self.hooks, self.reducers, self.computations = hooks, list(reducers), list(computations)
         # on the device once: a copy from pageable memory in every hook call would synchronise the GPU
         self._token_index = {name: torch.tensor(t, device=device) for name, t in hooks.items() if t is not None}
 
-    def run(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Forward one batch (eval and inference mode); returns ``{output name: tensor [batch, *shape]}``."""
+    def run(self, images: torch.Tensor, labels: torch.Tensor, extras: dict | None = None) -> dict[str, torch.Tensor]:
+        """Forward one batch (eval and inference mode), then run the computations (with `extras`, the
+        collated other item fields); returns ``{output name: tensor [batch, *shape]}``."""
+        outputs = self._forward(images, labels) if self.hooks or self.reducers else {}
+        amp = torch.autocast(images.device.type, dtype=self.autocast) if self.autocast else nullcontext()
+        for computation in self.computations:
+            kwargs = {"batch": extras or {}} if computation.wants_batch else {}
+            grad = torch.inference_mode(False) if computation.needs_grad else torch.inference_mode()
+            with grad, torch.set_grad_enabled(computation.needs_grad), amp:
+                result = computation.compute(self.model, images, labels, **kwargs)
+            if not isinstance(result, torch.Tensor) or result.shape[:1] != images.shape[:1]:
+                got = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
+                raise ValueError(f"computation {computation.name} returned {got}; it must return a tensor "
+                                 f"[batch={len(images)}, *shape]")
+            outputs[computation.name] = result.detach().to(getattr(torch, computation.dtype))
+        return outputs
+
+    def _forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs, parts = {}, {r.name: [] for r in self.reducers}
         n_tokens = self.model.layout_for(images).n_tokens
 
@@ -202,7 +252,8 @@ class _Writer(threading.Thread):
 
 
 def record(model, dataset, path: str | os.PathLike, hooks=(), tokens: str | Sequence[int] = "all", *,
-           reducers: Sequence[Reducer] = (), dtype: str = "float16", batch_size: int = 32,
+           reducers: Sequence[Reducer] = (), computations: Sequence[Computation] = (),
+           dtype: str = "float16", batch_size: int = 32,
            device: str | torch.device | None = None, shard_size: int | None = None, num_workers: int = 0,
            autocast: torch.dtype | None = None, rank: int | None = None,
            world_size: int | None = None, progress: bool = True) -> ActivationStore:
@@ -216,6 +267,8 @@ def record(model, dataset, path: str | os.PathLike, hooks=(), tokens: str | Sequ
         hooks: hook names or glob patterns (``"blocks.*.hook_resid_post"``), or a mapping name -> tokens.
         tokens: token selection for hooks given as names: "all", a kind ("cls", "patches", ...) or indices.
         reducers: :class:`Reducer` s computed on the device (e.g. ``analyses.class_embedding.ClassRankReducer()``).
+        computations: :class:`Computation` s run on every batch after the hooked forward (which is skipped
+            when there are no hooks and no reducers), e.g. explanation maps or faithfulness scores.
         dtype: storage dtype of hook activations (float16, float32 or float64).
         batch_size: images per forward; also fixes how each shard is batched (keep it when resuming).
         device: default ``cuda:$LOCAL_RANK`` when CUDA is available, else cpu.
@@ -252,20 +305,22 @@ def record(model, dataset, path: str | os.PathLike, hooks=(), tokens: str | Sequ
         raise ValueError(f"dtype {dtype!r} is not a store dtype; use one of {STORE_DTYPES}")
     path = Path(path)
     selections = resolve_hooks(model, hooks, tokens)
-    reducers = list(reducers)
-    names = list(selections) + [r.name for r in reducers]
+    reducers, computations = list(reducers), list(computations)
+    names = list(selections) + [r.name for r in reducers] + [c.name for c in computations]
     if not names:
-        raise ValueError("nothing to record: pass hooks=... and/or reducers=...")
+        raise ValueError("nothing to record: pass hooks=..., reducers=... and/or computations=...")
     if len(set(names)) != len(names):
         raise ValueError(f"output names must be unique, got {names}")
     for reducer in reducers:
         for name in reducer.hooks(model):
             _expand(model, name)
+    for computation in computations:
+        _check_dtype(computation)
     _check_writable(path)
 
     model.to(device).eval()
-    capture = _Capture(model, selections, reducers, dtype, autocast, device)
-    request = _request(model, dataset, selections, reducers, dtype, autocast, shard_size)
+    capture = _Capture(model, selections, reducers, dtype, autocast, device, computations)
+    request = _request(model, dataset, selections, reducers, computations, dtype, autocast, shard_size)
     store = _open_or_create(path, request, capture, dataset, device, batch_size, rank)
 
     mine = [s for s in range(store.n_shards) if s % world_size == rank]
@@ -281,7 +336,8 @@ def record(model, dataset, path: str | os.PathLike, hooks=(), tokens: str | Sequ
     if progress and remaining < total:
         bar.write(f"resuming {path}: {total - remaining} of {total} samples already recorded")
 
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=_collate,
+    collate = partial(_collate, extras=any(c.wants_batch for c in computations))
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate,
                         pin_memory=device.type == "cuda")
     try:
         with bar:
@@ -298,11 +354,12 @@ def _write_shards(store: ActivationStore, capture: _Capture, batches, device: to
     writer = _Writer(store, bar)
     writer.start()
     try:
-        for rows, (images, labels, sample_ids) in batches:
+        for rows, (images, labels, sample_ids, extras) in batches:
             if writer.error is not None:
                 break
             _check_items(rows, sample_ids, labels, store.meta["samples"])
-            outputs = capture.run(images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+            extras = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in extras.items()}
+            outputs = capture.run(images.to(device, non_blocking=True), labels.to(device, non_blocking=True), extras)
             host, ready = _to_host(outputs, copy_stream)
             shard = rows[0] // store.shard_size
             writer.put((shard, rows[0] - shard * store.shard_size, host, ready))
@@ -313,7 +370,17 @@ def _write_shards(store: ActivationStore, capture: _Capture, batches, device: to
         raise _writer_failure(writer, store) from writer.error
 
 
-def _request(model, dataset, selections, reducers, dtype, autocast, shard_size) -> dict:
+def _check_dtype(computation: Computation) -> None:
+    try:
+        same = str(getattr(torch, computation.dtype)) == f"torch.{computation.dtype}" == f"torch.{np.dtype(computation.dtype)}"
+    except (AttributeError, TypeError):
+        same = False
+    if not same:
+        raise ValueError(f"computation {computation.name} has dtype {computation.dtype!r}; use a dtype name that "
+                         "numpy and torch share, e.g. 'float32', 'float16', 'int16' or 'bool'")
+
+
+def _request(model, dataset, selections, reducers, computations, dtype, autocast, shard_size) -> dict:
     """What identifies a store: model, preprocessing, layout, samples, outputs (shapes come later)."""
     samples = getattr(dataset, "samples", None)
     if samples is None or not {"sample_id", "label"} <= set(samples.columns):
@@ -324,6 +391,8 @@ def _request(model, dataset, selections, reducers, dtype, autocast, shard_size) 
                for name, t in selections.items()}
     outputs.update({r.name: {"hook": None, "tokens": None, "token_axis": None, "dtype": r.dtype,
                              "reducer": r.to_dict()} for r in reducers})
+    outputs.update({c.name: {"hook": None, "tokens": None, "token_axis": None, "dtype": c.dtype, "reducer": None,
+                             "computation": c.to_dict()} for c in computations})
     return {
         "model": {"tag": model.tag, "weights_hash": model.weights_hash(),
                   "cfg": {k: getattr(model.cfg, k) for k in
@@ -341,12 +410,14 @@ def _request(model, dataset, selections, reducers, dtype, autocast, shard_size) 
 
 def _open_or_create(path, request, capture, dataset, device, batch_size, rank):
     """Open and check the store at `path`, or create it (rank 0; other ranks wait for its metadata)."""
-    images, labels, sample_ids = _collate([dataset[0]])  # the first item, as a batch of one
+    wants_batch = any(c.wants_batch for c in capture.computations)
+    images, labels, sample_ids, extras = _collate([dataset[0]], wants_batch)  # the first item, as a batch of one
     _check_items([0], sample_ids, labels, request["samples"])
     layout = capture.model.layout_for(images).to_dict()
     if not (path / METADATA_FILE).exists():
         if rank == 0:
-            meta = _complete(request, capture, images.to(device), labels.to(device), layout, batch_size)
+            extras = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in extras.items()}
+            meta = _complete(request, capture, images.to(device), labels.to(device), extras, layout, batch_size)
             return ActivationStore.create(path, meta)
         _wait_for(path / METADATA_FILE)
     store = ActivationStore(path)
@@ -358,15 +429,15 @@ def _open_or_create(path, request, capture, dataset, device, batch_size, rank):
     return store
 
 
-def _complete(request, capture, images, labels, layout, batch_size) -> dict:
+def _complete(request, capture, images, labels, extras, layout, batch_size) -> dict:
     """Add the token layout and what a forward on the first sample tells: each output's shape."""
-    probe = capture.run(images, labels)
+    probe = capture.run(images, labels, extras)
     outputs = {name: {**spec, "shape": list(probe[name].shape[1:])} for name, spec in request["outputs"].items()}
-    for reducer in capture.reducers:
-        declared = tuple(reducer.shape(capture.model))
-        if tuple(outputs[reducer.name]["shape"]) != declared:
-            raise ValueError(f"reducer {reducer.name} declares shape {declared} but produced "
-                             f"{outputs[reducer.name]['shape']}")
+    for kind, output in [("reducer", r) for r in capture.reducers] + [("computation", c) for c in capture.computations]:
+        declared = tuple(output.shape(capture.model))
+        if tuple(outputs[output.name]["shape"]) != declared:
+            raise ValueError(f"{kind} {output.name} declares shape {declared} but produced "
+                             f"{outputs[output.name]['shape']}")
     shard_size = request.get("shard_size")
     if shard_size is None:
         sample_bytes = sum(t[0].numel() * t.element_size() for t in probe.values())
@@ -376,9 +447,21 @@ def _complete(request, capture, images, labels, layout, batch_size) -> dict:
             "batch_size": batch_size}
 
 
-def _collate(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+_ITEM_KEYS = ("image", "label", "sample_id")
+
+
+def _collate(items: list[dict], extras: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str], dict]:
+    """(images [b C H W], labels [b], sample ids, the other item fields collated if `extras`, else {})."""
+    other = {}
+    if extras:
+        for key in items[0].keys() - set(_ITEM_KEYS):
+            try:
+                other[key] = default_collate([item[key] for item in items])
+            except (TypeError, RuntimeError, KeyError) as error:
+                raise ValueError(f"item field {key!r} cannot be batched for the computations ({error}); give "
+                                 "every item the same tensor shape or number for it") from None
     return (torch.stack([item["image"] for item in items]), torch.tensor([item["label"] for item in items]),
-            [str(item["sample_id"]) for item in items])
+            [str(item["sample_id"]) for item in items], other)
 
 
 def _check_items(rows: list[int], sample_ids: list[str], labels: torch.Tensor, samples: Mapping[str, list]) -> None:

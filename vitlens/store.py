@@ -66,13 +66,14 @@ class OutputSpec:
     tokens: tuple[int, ...] | None = None
     token_axis: int | None = None
     reducer: dict | None = None
+    computation: dict | None = None
 
     @classmethod
     def from_dict(cls, name: str, d: Mapping[str, Any]) -> "OutputSpec":
         tokens = d.get("tokens")
         return cls(name=name, shape=tuple(d["shape"]), dtype=d["dtype"], hook=d.get("hook"),
                    tokens=None if tokens is None else tuple(tokens), token_axis=d.get("token_axis"),
-                   reducer=d.get("reducer"))
+                   reducer=d.get("reducer"), computation=d.get("computation"))
 
     @property
     def sample_bytes(self) -> int:
