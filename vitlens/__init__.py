@@ -14,6 +14,7 @@ _EXPORTS = {
     "UnknownHookError": "vitlens.hooked",
     "UnsupportedModelError": "vitlens.hooked",
     "load_model": "vitlens.zoo",
+    "random_twin": "vitlens.zoo",
     "WeightsNotFoundError": "vitlens.zoo",
     "ActivationStore": "vitlens.store",
     "StoreMismatchError": "vitlens.store",
