@@ -243,8 +243,9 @@ def test_head_results_and_neurons_reassemble_outputs():
                                    atol=1e-5, rtol=0)
         mlp = cache["post", layer] @ model.blocks[layer].mlp.W_out + model.blocks[layer].mlp.b_out
         torch.testing.assert_close(mlp, cache["mlp_out", layer], atol=1e-5, rtol=0)
-    full = cache.get_full_resid_decomposition(expand_neurons=False)  # heads, mlp_out, bias (embed kept apart)
-    torch.testing.assert_close(full.sum(0) + cache["hook_full_embed"], cache["resid_post", 1], atol=1e-4, rtol=0)
+    full, labels = cache.get_full_resid_decomposition(expand_neurons=False, return_labels=True)
+    assert labels[-2:] == ["embed", "bias"]
+    torch.testing.assert_close(full.sum(0), cache["resid_post", 1], atol=1e-4, rtol=0)
 
 
 @torch.no_grad()

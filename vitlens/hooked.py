@@ -2,20 +2,26 @@
 
 The wrapper owns no weights of its own. It keeps the timm model as ``model.vit`` and replays timm's forward
 path module by module (the same modules, ops and order), passing every activation through a named
-:class:`~transformer_lens.hook_points.HookPoint`. With no hooks attached anywhere, ``forward`` simply calls timm's forward; with hooks, the
-replayed path gives the same bits wherever the hooks return nothing.
+:class:`~transformer_lens.hook_points.HookPoint`. With no hooks attached anywhere, ``forward`` simply calls
+timm's forward; with hooks, the replayed path gives the same bits wherever the hooks return nothing. A hook
+that returns a tensor replaces the activation; one of another shape raises, naming the hook and both shapes.
 
 Hook names follow TransformerLens::
 
     hook_embed                     [batch patch d_model]   patch embedding, before prefix tokens
+    hook_pos_embed                 [batch pos d_model]     the position embedding added to each token (0 where none)
     hook_full_embed                [batch pos d_model]     after prefix tokens, pos_embed and norm_pre
     blocks.{l}.hook_resid_pre      [batch pos d_model]
     blocks.{l}.ln1.hook_scale      [batch pos 1]           (only for LayerNorm)
     blocks.{l}.ln1.hook_normalized [batch pos d_model]
-    blocks.{l}.attn.hook_q/k/v/z   [batch pos head d_head]
+    blocks.{l}.attn.hook_q/k/v/z   [batch pos head d_head] (q, k after qk-norm)
     blocks.{l}.attn.hook_attn_scores, hook_pattern  [batch head query_pos key_pos]
+    blocks.{l}.attn.hook_result    [batch pos head d_model] per-head output, LayerScale in (use_attn_result)
+    blocks.{l}.attn.hook_q_input/k_input/v_input  [batch pos head d_model]  per-head copies of resid_pre
+                                                           (use_split_qkv_input); hook_attn_in (use_attn_in)
     blocks.{l}.hook_attn_out       [batch pos d_model]     after LayerScale (what the residual adds)
     blocks.{l}.hook_resid_mid      [batch pos d_model]
+    blocks.{l}.hook_mlp_in         [batch pos d_model]     the MLP branch's input (use_hook_mlp_in)
     blocks.{l}.ln2.hook_scale/hook_normalized
     blocks.{l}.mlp.hook_pre        [batch pos d_mlp]       fc1 output, before the activation
     blocks.{l}.mlp.hook_post       [batch pos d_mlp]
@@ -25,8 +31,11 @@ Hook names follow TransformerLens::
     hook_pooled                    [batch d_model]         pooled, after fc_norm ([batch 2 d_model] for DeiT-distilled)
     hook_logits                    [batch n_classes]
 
-Token layout: index 0 is CLS (when present), then distillation and register tokens, then the patches in
-row-major order (:class:`TokenLayout`).
+``blocks.{l}.hook_q_input`` etc. (TransformerLens' ``get_act_name`` names) are accepted as aliases. The four
+switches (``set_use_attn_result``, ``set_use_split_qkv_input``, ``set_use_attn_in``, ``set_use_hook_mlp_in``)
+gate their hook points as in TransformerLens; hooking a gated point by name while its switch is off raises.
+Weight geometry (``W_Q`` ... ``OV``) lives in :mod:`vitlens.geometry`, the cache in :mod:`vitlens.activation_cache`,
+the token layout in :mod:`vitlens.layout`.
 
 Attention stays fused (``F.scaled_dot_product_attention``) in every block where no hook reads the attention
 scores or pattern; only those blocks run the explicit softmax path. q, k, v and z hooks work on both paths.
@@ -36,20 +45,24 @@ from __future__ import annotations
 import difflib
 import hashlib
 import itertools
-from dataclasses import asdict, dataclass, field
+import sys
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformer_lens import ActivationCache as _TLActivationCache
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
-from transformer_lens.utilities import Slice
 
-from timm.layers import LayerScale, Mlp
+from timm.layers import Mlp, QuickGELU
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
+from vitlens.activation_cache import ActivationCache, canonical_hook_name
+from vitlens.geometry import AttentionWeights, MlpWeights, ModelWeights, NormWeights, _Wrapper
+from vitlens.layout import TokenLayout
+
+__all__ = ["HookedViT", "TokenLayout", "ActivationCache", "ViTConfig", "UnknownHookError", "UnsupportedModelError"]
 
 
 class UnsupportedModelError(TypeError):
@@ -63,11 +76,20 @@ class UnknownHookError(KeyError):
         return str(self.args[0])
 
 
+def _shape_error(point: HookPoint, x: torch.Tensor, y) -> ValueError:
+    got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+    return ValueError(f"hook on {point.name} returned {got}, but the activation is {tuple(x.shape)}; a hook must "
+                      "return a tensor of the activation's shape (or None to keep it)")
+
+
 def _bypass(point: HookPoint, x: torch.Tensor) -> torch.Tensor:
     """Run ``point`` only when a hook is attached: an idle HookPoint is the identity, and skipping the
-    module call keeps the unhooked forward as fast as timm's."""
+    module call keeps the unhooked forward as fast as timm's. A replacement of another shape raises."""
     if point._forward_hooks or point._backward_hooks:
-        return point(x)
+        y = point(x)
+        if y is not x and (not isinstance(y, torch.Tensor) or y.shape != x.shape):
+            raise _shape_error(point, x, y)
+        return y
     return x
 
 
@@ -82,20 +104,19 @@ def _any_active(points: Sequence[HookPoint]) -> bool:
     return False
 
 
-def _bias(linear: nn.Linear) -> torch.Tensor:
-    """A Linear's bias, or zeros in its weight's dtype and device when it has none."""
-    return linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
-
-
 def _bypass_heads(point: HookPoint, x: torch.Tensor) -> torch.Tensor:
     """Hook a timm [batch head pos d_head] tensor as TransformerLens' [batch pos head d_head]."""
-    return point(x.transpose(1, 2)).transpose(1, 2) if _active(point) else x
+    return _bypass(point, x.transpose(1, 2)).transpose(1, 2) if _active(point) else x
 
 
 class _HookNames(dict):
-    """``mod_dict`` that answers an unknown name with the closest known hook names."""
+    """``mod_dict`` that resolves TransformerLens' alias names and answers an unknown name with the closest
+    known hook names."""
 
     def __missing__(self, name):
+        canonical = canonical_hook_name(name)
+        if canonical != name and canonical in self:
+            return self[canonical]
         hooks = [n for n in self if ".hook_" in n or n.startswith("hook_")]
         close = difflib.get_close_matches(str(name), hooks, n=5, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -105,102 +126,17 @@ class _HookNames(dict):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Token layout
-
-
-@dataclass(frozen=True)
-class TokenLayout:
-    """Where each token sits in the sequence: prefix tokens first, then patches in row-major order.
-
-    Attributes:
-        cls_index: index of the class token, or None for models without one.
-        dist_index: index of the DeiT distillation token, or None.
-        register_indices: indices of register tokens (empty when none).
-        n_prefix: number of tokens before the first patch (``num_prefix_tokens``).
-        grid: the patch grid (rows, cols) for the model's default image size.
-    """
-
-    cls_index: Optional[int]
-    dist_index: Optional[int]
-    register_indices: tuple[int, ...]
-    n_prefix: int
-    grid: tuple[int, int]
-
-    @property
-    def n_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def n_tokens(self) -> int:
-        return self.n_prefix + self.n_patches
-
-    def with_grid(self, grid: Sequence[int]) -> "TokenLayout":
-        """The same layout for another image size (dynamic_img_size models)."""
-        return TokenLayout(self.cls_index, self.dist_index, self.register_indices, self.n_prefix,
-                           (int(grid[0]), int(grid[1])))
-
-    def tokens(self, kind: str = "all") -> torch.Tensor:
-        """Token indices of one kind: "all", "cls", "dist", "registers", "prefix" or "patches"."""
-        kinds = {
-            "all": range(self.n_tokens),
-            "cls": [] if self.cls_index is None else [self.cls_index],
-            "dist": [] if self.dist_index is None else [self.dist_index],
-            "registers": self.register_indices,
-            "prefix": range(self.n_prefix),
-            "patches": range(self.n_prefix, self.n_tokens),
-        }
-        if kind not in kinds:
-            raise ValueError(f"Unknown token kind {kind!r}; expected one of {sorted(kinds)}.")
-        if kind == "cls" and self.cls_index is None:
-            raise ValueError("This model has no class token (global-average-pool family); use 'patches'.")
-        return torch.tensor(list(kinds[kind]), dtype=torch.long)
-
-    def patch_position(self, token: int) -> tuple[int, int]:
-        """(row, col) of a patch token on the grid."""
-        if not self.n_prefix <= token < self.n_tokens:
-            raise ValueError(f"Token {token} is not a patch token (patches are {self.n_prefix}..{self.n_tokens - 1}).")
-        return divmod(token - self.n_prefix, self.grid[1])
-
-    def describe(self, token: int) -> str:
-        """A readable name for a token: "cls", "dist", "reg0", or "patch(r,c)"."""
-        if token == self.cls_index:
-            return "cls"
-        if token == self.dist_index:
-            return "dist"
-        if token in self.register_indices:
-            return f"reg{self.register_indices.index(token)}"
-        return "patch({},{})".format(*self.patch_position(token))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TokenLayout":
-        """Inverse of :meth:`to_dict` (also from JSON, where tuples became lists)."""
-        return cls(d["cls_index"], d["dist_index"], tuple(d["register_indices"]), d["n_prefix"], tuple(d["grid"]))
-
-    @classmethod
-    def from_timm(cls, vit: VisionTransformer) -> "TokenLayout":
-        has_cls = getattr(vit, "cls_token", None) is not None
-        has_dist = getattr(vit, "dist_token", None) is not None
-        n_reg = vit.reg_token.shape[1] if getattr(vit, "reg_token", None) is not None else 0
-        first_reg = int(has_cls) + int(has_dist)
-        return cls(
-            cls_index=0 if has_cls else None,
-            dist_index=int(has_cls) if has_dist else None,
-            register_indices=tuple(range(first_reg, first_reg + n_reg)),
-            n_prefix=vit.num_prefix_tokens,
-            grid=tuple(int(g) for g in vit.patch_embed.grid_size),
-        )
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Config
 
 
 @dataclass
 class ViTConfig:
-    """The model facts that TransformerLens helpers and vitlens analyses read (``model.cfg``)."""
+    """The model facts that TransformerLens helpers and vitlens analyses read (``model.cfg``).
+
+    ``normalization_type`` is that of the block norms (what every block-input read goes through);
+    ``n_ctx`` is the token count at the default image size (``model.layout_for(images).n_tokens`` for
+    another size on dynamic-size models). ``device`` and ``dtype`` follow the wrapped weights.
+    """
 
     model_name: str
     n_layers: int
@@ -212,39 +148,38 @@ class ViTConfig:
     n_ctx: int
     normalization_type: Optional[str]
     global_pool: str
+    n_classes: int = 0
+    image_size: tuple = ()
+    patch_size: tuple = ()
+    eps: float = 1e-6
+    dynamic_img_size: bool = False
     act_fn: str = "gelu"
+    n_key_value_heads: Optional[int] = None
     attn_only: bool = False
     positional_embedding_type: str = "standard"
     default_prepend_bos: bool = False
     final_rms: bool = False
     use_attn_result: bool = False
+    use_split_qkv_input: bool = False
+    use_attn_in: bool = False
+    use_hook_mlp_in: bool = False
     extra: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self._owner.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self._owner.parameters()).dtype
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Hooked building blocks. Each holds only HookPoints and a plain (unregistered) reference to its timm module,
-# so the weights have exactly one owner: ``HookedViT.vit``.
+# Hooked building blocks. Each holds only HookPoints and a plain (unregistered) reference to its timm module
+# (and to the shared cfg), so the weights have exactly one owner: ``HookedViT.vit``.
 
 
-class _Wrapper(nn.Module):
-    def __init__(self, target: nn.Module, layer_scale: Optional[nn.Module] = None, post_norm: bool = False):
-        super().__init__()
-        object.__setattr__(self, "target", target)
-        object.__setattr__(self, "layer_scale", layer_scale)
-        self.post_norm = post_norm
-
-    def _scaled(self, weight: torch.Tensor) -> torch.Tensor:
-        """Fold the block's LayerScale (if any) into an output weight or bias; refused for post-norm blocks."""
-        if self.post_norm:
-            raise ValueError(
-                "Output weights (W_O, b_O, W_out, b_out) are undefined for post-norm (ResPostBlock) blocks: the block "
-                "LayerNorms the sublayer output before adding it, so no fixed matrix maps it to the residual stream. "
-                "Use the cached hook_attn_out / hook_mlp_out instead."
-            )
-        return weight * self.layer_scale.gamma if isinstance(self.layer_scale, LayerScale) else weight
-
-
-class HookedNorm(_Wrapper):
+class HookedNorm(NormWeights):
     """A norm (LayerNorm or Identity) with ``hook_scale`` and ``hook_normalized``."""
 
     def __init__(self, norm: nn.Module):
@@ -259,7 +194,7 @@ class HookedNorm(_Wrapper):
         if _active(hook_scale) and isinstance(norm, nn.LayerNorm):
             # The fused layer_norm kernel does not expose its statistics; recompute them for the hook.
             scale = (x.float().var(-1, keepdim=True, unbiased=False) + norm.eps).sqrt().to(x.dtype)
-            hooked = hook_scale(scale)
+            hooked = _bypass(hook_scale, scale)
             if hooked is not scale:  # replaced: the LayerNorm by hand with the hook's scale
                 x = (x - x.mean(-1, keepdim=True)) / hooked
                 if norm.weight is not None:
@@ -270,26 +205,62 @@ class HookedNorm(_Wrapper):
         return _bypass(hook_normalized, norm(x))
 
 
-class HookedAttention(_Wrapper):
-    """timm ``Attention`` with TransformerLens hooks; fused unless scores or pattern are hooked."""
+class HookedAttention(AttentionWeights):
+    """timm ``Attention`` with TransformerLens hooks; fused unless scores or pattern are hooked.
 
-    _HOOKS = ("hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z")
+    Its output is what the block adds before drop-path: LayerScale applied (pre-norm blocks), so that the
+    per-head ``hook_result`` sums (plus ``b_O``) to ``hook_attn_out``.
+    """
 
-    def __init__(self, attn: Attention, layer_scale: Optional[nn.Module] = None, post_norm: bool = False):
+    _HOOKS = ("hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z", "hook_result",
+              "hook_q_input", "hook_k_input", "hook_v_input", "hook_attn_in")
+
+    def __init__(self, attn: Attention, layer_scale: Optional[nn.Module], post_norm: bool, cfg: ViTConfig):
         super().__init__(attn, layer_scale, post_norm)
         for name in self._HOOKS:
             setattr(self, name, HookPoint())
-        object.__setattr__(self, "_points", tuple(getattr(self, n) for n in self._HOOKS))
+        object.__setattr__(self, "_points", tuple(getattr(self, n) for n in self._HOOKS[:7]))
+        object.__setattr__(self, "cfg", cfg)
+
+    def _scale(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.layer_scale is None else self.layer_scale(out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: the normalised block input [batch pos d_model] -> what the block adds, before drop-path."""
         attn = self.target
         if not _any_active(self._points):
-            return attn(x)  # timm's own forward, fused when timm built it fused
-        hook_q, hook_k, hook_v, hook_scores, hook_pattern, hook_z = self._points
+            return self._scale(attn(x))  # timm's own forward, fused when timm built it fused
         B, N, _ = x.shape
-        gate = attn.gate(x).sigmoid() if attn.gate is not None else None
         qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        # Indexing, not unbind: views made by unbind cannot be edited in place under autograd (TL demos do).
+        return self._attend(qkv[0], qkv[1], qkv[2], x)
+
+    def forward_split(self, resid: torch.Tensor, norm: Optional[nn.Module]) -> torch.Tensor:
+        """Split-qkv forward (``use_split_qkv_input`` / ``use_attn_in``): each head reads its own copy of the
+        residual stream [batch pos head d_model], normalised by `norm` (ln1; None for post-norm blocks)."""
+        attn, cfg = self.target, self.cfg
+        if attn.gate is not None:
+            raise ValueError(f"{self.name} is gated (gated=True): the gate reads the whole input, so split-qkv "
+                             "inputs are undefined here; turn use_split_qkv_input / use_attn_in off.")
+
+        def fork(point: HookPoint) -> torch.Tensor:
+            copies = resid.unsqueeze(2).expand(-1, -1, attn.num_heads, -1).clone()
+            copies = _bypass(point, copies)
+            return copies if norm is None else norm(copies)
+
+        if cfg.use_split_qkv_input:
+            inputs = fork(self.hook_q_input), fork(self.hook_k_input), fork(self.hook_v_input)
+        else:
+            inputs = (fork(self.hook_attn_in),) * 3
+        q, k, v = (torch.einsum("bphm,hmd->bhpd", x, w) + b[:, None] for x, w, b in
+                   zip(inputs, (self.W_Q, self.W_K, self.W_V), (self.b_Q, self.b_K, self.b_V)))
+        return self._attend(q, k, v, None)
+
+    def _attend(self, q, k, v, x: Optional[torch.Tensor]) -> torch.Tensor:
+        """q, k, v [batch head pos d_head] (before qk-norm) -> the scaled attention output [batch pos d_model]."""
+        attn, cfg = self.target, self.cfg
+        hook_q, hook_k, hook_v, hook_scores, hook_pattern, hook_z, hook_result = self._points
+        B, _, N, _ = q.shape
         q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = _bypass_heads(hook_q, q), _bypass_heads(hook_k, k), _bypass_heads(hook_v, v)
         if attn.fused_attn and not (_active(hook_scores) or _active(hook_pattern)):
@@ -297,25 +268,17 @@ class HookedAttention(_Wrapper):
         else:
             scores = _bypass(hook_scores, (q * attn.scale) @ k.transpose(-2, -1))
             z = attn.attn_drop(_bypass(hook_pattern, scores.softmax(dim=-1))) @ v
-        z = _bypass(hook_z, z.transpose(1, 2))
+        z = _bypass(hook_z, z.transpose(1, 2))  # [batch pos head d_head]
+        if cfg.use_attn_result and _active(hook_result):
+            result = _bypass(hook_result, torch.einsum("bphd,hdm->bphm", z, self.W_O))
+            return attn.proj_drop(result.sum(2) + self.b_O)
         out = attn.norm(z.reshape(B, N, attn.attn_dim))
-        if gate is not None:
-            out = out * gate
-        return attn.proj_drop(attn.proj(out))
-
-    @property
-    def W_O(self) -> torch.Tensor:
-        """[head d_head d_model]: each head's output map, LayerScale folded in (pre-norm blocks)."""
-        attn = self.target
-        return self._scaled(attn.proj.weight.T).reshape(attn.num_heads, attn.head_dim, -1)
-
-    @property
-    def b_O(self) -> torch.Tensor:
-        """[d_model]: the output bias, LayerScale folded in."""
-        return self._scaled(_bias(self.target.proj))
+        if attn.gate is not None:
+            out = out * attn.gate(x).sigmoid()
+        return self._scale(attn.proj_drop(attn.proj(out)))
 
 
-class HookedMlp(_Wrapper):
+class HookedMlp(MlpWeights):
     """timm ``Mlp`` with ``hook_pre`` (fc1 output) and ``hook_post`` (after the activation)."""
 
     def __init__(self, mlp: Mlp, layer_scale: Optional[nn.Module] = None, post_norm: bool = False):
@@ -330,24 +293,6 @@ class HookedMlp(_Wrapper):
         x = _bypass(hook_post, mlp.act(x))
         return mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(x))))
 
-    @property
-    def W_in(self) -> torch.Tensor:
-        """[d_model d_mlp]: the MLP keys (fc1 rows)."""
-        return self.target.fc1.weight.T
-
-    @property
-    def b_in(self) -> torch.Tensor:
-        return _bias(self.target.fc1)
-
-    @property
-    def W_out(self) -> torch.Tensor:
-        """[d_mlp d_model]: the MLP values (fc2 columns), LayerScale folded in (pre-norm blocks)."""
-        return self._scaled(self.target.fc2.weight.T)
-
-    @property
-    def b_out(self) -> torch.Tensor:
-        return self._scaled(_bias(self.target.fc2))
-
 
 class HookedBlock(_Wrapper):
     """A timm ``Block`` (pre-norm) or ``ResPostBlock`` (post-norm) with residual-stream hooks.
@@ -356,89 +301,63 @@ class HookedBlock(_Wrapper):
     LayerScale, or after the post-norm of ``ResPostBlock``), so ``resid_pre + attn_out == resid_mid``.
     """
 
-    def __init__(self, block: nn.Module):
+    hook_out_is_single_residual_stream = True  # read by TransformerLens' logit-lens checks
+
+    def __init__(self, block: nn.Module, cfg: ViTConfig):
         super().__init__(block, post_norm=isinstance(block, ResPostBlock))
         self.hook_resid_pre = HookPoint()
         self.ln1 = HookedNorm(block.norm1)
-        self.attn = HookedAttention(block.attn, getattr(block, "ls1", None), self.post_norm)
+        self.attn = HookedAttention(block.attn, None if self.post_norm else block.ls1, self.post_norm, cfg)
         self.hook_attn_out = HookPoint()
         self.hook_resid_mid = HookPoint()
+        self.hook_mlp_in = HookPoint()
         self.ln2 = HookedNorm(block.norm2)
         self.mlp = HookedMlp(block.mlp, getattr(block, "ls2", None), self.post_norm)
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
+        object.__setattr__(self, "cfg", cfg)
         object.__setattr__(self, "_points", (self.hook_resid_pre, self.hook_attn_out, self.hook_resid_mid,
                                              self.hook_mlp_out, self.hook_resid_post))
         object.__setattr__(self, "_sublayers", (self.ln1.forward, self.attn.forward, self.ln2.forward,
                                                 self.mlp.forward))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.target
+        b, cfg = self.target, self.cfg
         # Plain-attribute access and direct .forward calls: the containers never carry hooks themselves (their
         # HookPoints do), and nn.Module attribute lookup is a measurable cost on tiny models.
         resid_pre, attn_out, resid_mid, mlp_out, resid_post = self._points
         ln1, attn, ln2, mlp = self._sublayers
         x = _bypass(resid_pre, x)
-        if self.post_norm:  # x + drop_path(norm(sublayer(x)))
+        if cfg.use_split_qkv_input or cfg.use_attn_in:
+            a = self.attn.forward_split(x, None if self.post_norm else b.norm1)
+            a = b.drop_path1(ln1(a) if self.post_norm else a)
+        elif self.post_norm:  # x + drop_path(norm(sublayer(x)))
             a = b.drop_path1(ln1(attn(x)))
         else:  # x + drop_path(ls(sublayer(norm(x))))
-            a = b.drop_path1(b.ls1(attn(ln1(x))))
+            a = b.drop_path1(attn(ln1(x)))
         x = _bypass(resid_mid, x + _bypass(attn_out, a))
+        m = _bypass(self.hook_mlp_in, x) if cfg.use_hook_mlp_in else x
         if self.post_norm:
-            m = b.drop_path2(ln2(mlp(x)))
+            m = b.drop_path2(ln2(mlp(m)))
         else:
-            m = b.drop_path2(b.ls2(mlp(ln2(x))))
+            m = b.drop_path2(b.ls2(mlp(ln2(m))))
         return _bypass(resid_post, x + _bypass(mlp_out, m))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The model
 
-
-class ActivationCache(_TLActivationCache):
-    """TransformerLens ``ActivationCache`` that knows the ViT embedding.
-
-    ``hook_embed`` holds patch embeddings only (no prefix tokens), so it cannot be stacked with the residual
-    stream; the residual decomposition uses ``hook_full_embed`` (patches + prefix tokens + position
-    embedding) as its "embed" component instead.
-    """
-
-    def __init__(self, cache_dict, model, has_batch_dim: bool = True):
-        super().__init__(cache_dict, model, has_batch_dim=has_batch_dim)
-        self.has_embed = False
-
-    def decompose_resid(self, layer=None, mlp_input=False, mode="all", apply_ln=False, pos_slice=None,
-                        incl_embeds=True, return_labels=False):
-        """The residual stream into ``layer`` as [component batch pos d_model]: embed, then every attention
-        and MLP output. Same arguments and labels as TransformerLens."""
-        parts, labels = super().decompose_resid(layer, mlp_input, mode, apply_ln=False, pos_slice=pos_slice,
-                                                incl_embeds=False, return_labels=True)
-        if incl_embeds:
-            embed = Slice(pos_slice).apply(self["hook_full_embed"], dim=-2)
-            parts, labels = torch.cat([embed[None], parts]), ["embed", *labels]
-        if apply_ln:
-            parts = self.apply_ln_to_stack(parts, layer, pos_slice=pos_slice, mlp_input=mlp_input)
-        return (parts, labels) if return_labels else parts
-
-    def apply_ln_to_stack(self, residual_stack, layer=None, mlp_input=False, *args, **kwargs):
-        """TransformerLens' ``apply_ln_to_stack`` (also behind ``apply_ln=True`` and ``logit_attrs``); raises
-        where the model has no per-token LayerNorm at that input, instead of returning the stack unnormalised."""
-        model = self.model
-        if layer is None or layer in (-1, model.cfg.n_layers):
-            if isinstance(model.vit.fc_norm, nn.LayerNorm):
-                raise ValueError(
-                    "This model has no per-token final LayerNorm to apply: it average-pools the tokens and then "
-                    "applies fc_norm to the pooled vector. Use model.unembed(resid) for a per-token class projection."
-                )
-        elif any(block.post_norm for block in model.blocks):
-            raise ValueError(
-                "This model has post-norm (ResPostBlock) blocks: their LayerNorms act on sublayer outputs, not on "
-                "the residual stream, so there is no block-input LayerNorm to apply. Use apply_ln=False."
-            )
-        return super().apply_ln_to_stack(residual_stack, layer, mlp_input, *args, **kwargs)
+_SWITCHES = {  # hook point suffix -> the cfg switch that makes it fire
+    "attn.hook_result": "use_attn_result",
+    "attn.hook_q_input": "use_split_qkv_input",
+    "attn.hook_k_input": "use_split_qkv_input",
+    "attn.hook_v_input": "use_split_qkv_input",
+    "attn.hook_attn_in": "use_attn_in",
+    "hook_mlp_in": "use_hook_mlp_in",
+}
 
 
-class HookedViT(HookedRootModule):
+class HookedViT(ModelWeights, HookedRootModule):
     """A timm VisionTransformer with TransformerLens hook points; see the module docstring for the names.
 
     Build it with :meth:`from_timm` (or :func:`vitlens.load_model`). ``run_with_cache`` returns a
@@ -452,13 +371,14 @@ class HookedViT(HookedRootModule):
         self.vit = vit
         self.tag = tag or getattr(vit, "default_cfg", {}).get("architecture", type(vit).__name__)
         self.layout = TokenLayout.from_timm(vit)
+        self.cfg = self._make_cfg()
         self.hook_embed = HookPoint()
+        self.hook_pos_embed = HookPoint()
         self.hook_full_embed = HookPoint()
-        self.blocks = nn.ModuleList(HookedBlock(b) for b in vit.blocks)
+        self.blocks = nn.ModuleList(HookedBlock(b, self.cfg) for b in vit.blocks)
         self.ln_final = HookedNorm(vit.norm)
         self.hook_pooled = HookPoint()
         self.hook_logits = HookPoint()
-        self.cfg = self._make_cfg()
         self._in_chans = vit.patch_embed.proj.in_channels
         self._fixed_size = None if vit.dynamic_img_size else self.image_size
         self._weights_hash: Optional[tuple[tuple, str]] = None  # (_weights_key(), hash)
@@ -477,8 +397,9 @@ class HookedViT(HookedRootModule):
 
     def _make_cfg(self) -> ViTConfig:
         vit = self.vit
-        attn, mlp = vit.blocks[0].attn, vit.blocks[0].mlp
-        return ViTConfig(
+        attn, mlp, norm = vit.blocks[0].attn, vit.blocks[0].mlp, vit.blocks[0].norm1
+        layer_norms = all(isinstance(b.norm1, nn.LayerNorm) and isinstance(b.norm2, nn.LayerNorm) for b in vit.blocks)
+        cfg = ViTConfig(
             model_name=self.tag,
             n_layers=len(vit.blocks),
             d_model=vit.embed_dim,
@@ -487,22 +408,95 @@ class HookedViT(HookedRootModule):
             d_mlp=mlp.fc1.out_features,
             d_vocab=vit.num_classes,
             n_ctx=self.layout.n_tokens,
-            normalization_type="LN" if isinstance(vit.norm, nn.LayerNorm) else None,
+            normalization_type="LN" if layer_norms else None,
             global_pool=vit.global_pool,
+            n_classes=vit.num_classes,
+            image_size=tuple(int(s) for s in vit.patch_embed.img_size),
+            patch_size=tuple(int(s) for s in vit.patch_embed.patch_size),
+            eps=getattr(norm, "eps", 0.0),
+            dynamic_img_size=bool(vit.dynamic_img_size),
+            act_fn="quick_gelu" if isinstance(mlp.act, QuickGELU) else type(mlp.act).__name__.lower(),
+            n_key_value_heads=attn.num_heads,
         )
+        object.__setattr__(cfg, "_owner", vit)  # not a dataclass field: device/dtype read the live weights
+        return cfg
+
+    # -- TransformerLens switches -------------------------------------------------------------------------
+
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Fire ``blocks.{l}.attn.hook_result`` [batch pos head d_model] (per-head outputs, LayerScale in; they
+        sum with ``b_O`` to ``hook_attn_out``). Refused where a head's output is not ``z @ W_O``."""
+        if use_attn_result:
+            for block in self.blocks:
+                block.attn.W_O  # raises for post-norm, gated and scale-normed attention
+        self.cfg.use_attn_result = bool(use_attn_result)
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """Give each head its own copy of ``resid_pre`` for q, k and v (``attn.hook_q_input`` ... [batch pos head
+        d_model], before ln1), for path patching. Exclusive with ``set_use_attn_in``."""
+        if use_split_qkv_input and self.cfg.use_attn_in:
+            raise ValueError("use_split_qkv_input and use_attn_in are exclusive; call set_use_attn_in(False) first.")
+        self.cfg.use_split_qkv_input = bool(use_split_qkv_input)
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """Give each head one copy of ``resid_pre`` shared by q, k and v (``attn.hook_attn_in`` [batch pos head
+        d_model]). Exclusive with ``set_use_split_qkv_input``."""
+        if use_attn_in and self.cfg.use_split_qkv_input:
+            raise ValueError("use_attn_in and use_split_qkv_input are exclusive; call "
+                             "set_use_split_qkv_input(False) first.")
+        self.cfg.use_attn_in = bool(use_attn_in)
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        """Fire ``blocks.{l}.hook_mlp_in`` [batch pos d_model], the MLP branch's own copy of ``resid_mid``."""
+        self.cfg.use_hook_mlp_in = bool(use_hook_mlp_in)
+
+    def _switched_off(self, name: str) -> Optional[str]:
+        """The switch a hook point needs when it is off (the point would never fire), else None."""
+        for suffix, switch in _SWITCHES.items():
+            if name.endswith(suffix) and not getattr(self.cfg, switch):
+                return switch
+        return None
+
+    def _enable_hook_with_name(self, name: str, hook, dir):
+        """TransformerLens' by-name hook registration, refusing a point whose switch is off (it would never fire)."""
+        canonical = canonical_hook_name(name)
+        switch = self._switched_off(canonical)
+        if switch:
+            raise ValueError(f"{name} fires only with {switch}: call model.set_{switch}(True) first.")
+        super()._enable_hook_with_name(canonical, hook, dir)
 
     # -- forward ------------------------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images [batch chans height width] -> logits [batch n_classes], through every hook point."""
+    def forward(self, x: torch.Tensor, return_type: Optional[str] = "logits", labels: Optional[torch.Tensor] = None,
+                stop_at_layer: Optional[int] = None):
+        """Images [batch chans height width] -> logits [batch n_classes], through every hook point.
+
+        Args:
+            return_type: "logits", "loss" (mean cross-entropy against `labels`, a scalar: what
+                ``run_with_cache(incl_bwd=True)`` differentiates), "both" (logits, loss) or None.
+            labels: [batch] class indices, for the loss.
+            stop_at_layer: run only blocks ``[:stop_at_layer]`` and return the residual stream [batch pos d_model].
+        """
         self._check_input(x)
-        if not _any_active(self._hook_points):
-            return self.vit(x)  # nothing to record or patch: timm's own forward, fastest and exact by definition
-        x = self.embed(x)
-        for block in self.blocks:
-            x = block.forward(x)
-        x = self.ln_final.forward(x)
-        return _bypass(self.hook_logits, self._head(x))
+        if return_type not in ("logits", "loss", "both", None):
+            raise ValueError(f"return_type={return_type!r}; use 'logits', 'loss', 'both' or None")
+        if return_type in ("loss", "both") and labels is None:
+            raise ValueError(f"return_type={return_type!r} needs labels= ([batch] class indices)")
+        if stop_at_layer is None and not _any_active(self._hook_points):
+            logits = self.vit(x)  # nothing to record or patch: timm's own forward, fastest and exact by definition
+        else:
+            x = self.embed(x)
+            for block in self.blocks if stop_at_layer is None else self.blocks[:stop_at_layer]:
+                x = block.forward(x)
+            if stop_at_layer is not None:
+                return x
+            logits = _bypass(self.hook_logits, self._head(self.ln_final.forward(x)))
+        if return_type == "logits":
+            return logits
+        if return_type is None:
+            return None
+        loss = F.cross_entropy(logits, torch.as_tensor(labels, device=logits.device))
+        return loss if return_type == "loss" else (logits, loss)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch embedding, prefix tokens, position embedding and ``norm_pre``: [batch pos d_model]."""
@@ -513,7 +507,16 @@ class HookedViT(HookedRootModule):
             x = _bypass(self.hook_embed, x.flatten(1, 2)).reshape(B, H, W, D)
         else:
             x = _bypass(self.hook_embed, x)
-        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
+        full = vit._pos_embed(x)
+        if _active(self.hook_pos_embed):
+            tokens = torch.cat([t.expand(len(x), -1, -1) for t in (vit.cls_token, getattr(vit, "dist_token", None),
+                                                                   vit.reg_token) if t is not None]
+                               + [x.flatten(1, -2)], dim=1)
+            pos = full - tokens
+            hooked = _bypass(self.hook_pos_embed, pos)
+            if hooked is not pos:
+                full = tokens + hooked
+        x = vit.norm_pre(vit.patch_drop(full))
         return _bypass(self.hook_full_embed, x)
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
@@ -588,74 +591,49 @@ class HookedViT(HookedRootModule):
         return tuple((t.data_ptr(), None if t.is_inference() else t._version)
                      for t in itertools.chain(self.vit.parameters(), self.vit.buffers()))
 
-    # -- class-embedding geometry -------------------------------------------------------------------------
-
-    @property
-    def final_norm(self) -> nn.Module:
-        """The norm the class-embedding projection applies per token: ``norm``, or ``fc_norm`` when
-        ``norm`` is Identity (global-average-pool models, as in vit-cls_emb)."""
-        vit = self.vit
-        return vit.fc_norm if isinstance(vit.norm, nn.Identity) else vit.norm
-
-    @property
-    def W_U(self) -> torch.Tensor:
-        """[d_model n_classes]: the class embeddings (classifier weight, transposed)."""
-        return self.vit.head.weight.T
-
-    @property
-    def b_U(self) -> torch.Tensor:
-        """[n_classes]: the classifier bias."""
-        return _bias(self.vit.head)
-
-    def unembed(self, resid: torch.Tensor) -> torch.Tensor:
-        """Project residual vectors onto the classes: ``head(final_norm(resid))`` per token, [... n_classes].
-
-        This is the class-embedding projection of vit-cls_emb (final norm with its affine, head bias
-        included). For the CLS token of the last layer it equals the model's logits (CLS-pooling models).
-        """
-        return self.vit.head(self.final_norm(resid))
-
-    def tokens_to_residual_directions(self, classes) -> torch.Tensor:
-        """Residual-stream direction of each class [*classes d_model], with the final LayerNorm gain folded in.
-
-        TransformerLens' ``logit_attrs`` divides each component by the cached final-norm scale and takes
-        the dot product with this direction; the attributions then sum to
-        ``logit - model.logit_bias(classes)`` (head bias plus the norm bias projected on the class).
-        """
-        classes = torch.as_tensor(classes, device=self.W_U.device)
-        directions = self.W_U[:, classes].movedim(0, -1)
-        norm = self.final_norm
-        return directions * norm.weight if isinstance(norm, nn.LayerNorm) and norm.weight is not None else directions
-
-    def logit_bias(self, classes) -> torch.Tensor:
-        """The part of a class logit that no residual component writes: ``b_U[c] + norm.bias @ W_U[:, c]``."""
-        classes = torch.as_tensor(classes, device=self.W_U.device)
-        bias = self.b_U[classes]
-        norm = self.final_norm
-        if isinstance(norm, nn.LayerNorm) and norm.bias is not None:
-            bias = bias + norm.bias @ self.W_U[:, classes]
-        return bias
-
-    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> torch.Tensor:
-        """[d_model]: the sum of attention (and MLP) output biases written before ``layer``."""
-        total = self.W_U.new_zeros(self.cfg.d_model)
-        for i in range(layer):
-            total = total + self.blocks[i].attn.b_O
-            if include_mlp_biases:
-                total = total + self.blocks[i].mlp.b_out
-        if mlp_input:
-            total = total + self.blocks[layer].attn.b_O
-        return total
-
     # -- TransformerLens entry points ---------------------------------------------------------------------
 
-    def run_with_cache(self, *model_args, names_filter=None, **kwargs):
-        """Run and cache activations: ``(logits, ActivationCache)``. Unknown names in ``names_filter`` raise."""
+    def run_with_cache(self, *model_args, names_filter=None, return_cache_object: bool = True, **kwargs):
+        """Run and cache activations: ``(output, ActivationCache)``, or ``(output, dict)`` with
+        ``return_cache_object=False``. Unknown names in ``names_filter`` raise; alias names are accepted."""
         names = [names_filter] if isinstance(names_filter, str) else names_filter
-        for name in [] if names is None or callable(names) else names:
-            self.hook_dict[name]  # raises UnknownHookError with the closest names
+        if names is not None and not callable(names):
+            names = [canonical_hook_name(name) for name in names]
+            for name in names:
+                self.hook_dict[name]  # raises UnknownHookError with the closest names
+            names_filter = names
+        else:  # a filter caches only the points that fire under the current switches
+            wanted = names or (lambda name: True)
+            names_filter = lambda name: wanted(name) and not self._switched_off(name)  # noqa: E731
         out, cache = super().run_with_cache(*model_args, names_filter=names_filter, **kwargs)
+        if not return_cache_object:
+            return out, cache
         return out, ActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+
+    def run_with_hooks(self, *model_args, **kwargs):
+        """TransformerLens' ``run_with_hooks``. Called by ``transformer_lens.patching``'s sweeps, it refuses a
+        position axis taken from the image width (their default) instead of sweeping the wrong positions."""
+        caller = sys._getframe(1)
+        if caller.f_code.co_name == "generic_activation_patch" and model_args:
+            _check_tl_position_count(self, caller.f_locals, model_args[0])
+        return super().run_with_hooks(*model_args, **kwargs)
+
+
+def _check_tl_position_count(model: HookedViT, sweep: dict, images: torch.Tensor) -> None:
+    """``transformer_lens.patching.generic_activation_patch`` sizes its position axes from
+    ``corrupted_tokens.shape[-1]``: for images that is the width, not the token count."""
+    axes = sweep.get("index_axis_names") or ()
+    ranges = sweep.get("max_axis_range")
+    if sweep.get("flattened_output") or not ranges or not {"pos", "src_pos", "dest_pos"} & set(axes):
+        return
+    n_tokens = model.layout_for(images).n_tokens
+    if ranges["pos"] != n_tokens:
+        raise ValueError(
+            f"transformer_lens.patching took {ranges['pos']} positions from the image width "
+            f"(corrupted_tokens.shape[-1]), but these images have {n_tokens} tokens, so it would sweep the wrong "
+            "positions. Use vitlens.patching.act_patch(model, images, clean_cache, metric, kind), or pass "
+            "index_df=vitlens.patching.patch_index(model, kind, images)."
+        )
 
 
 def _check_supported(vit: nn.Module) -> None:
