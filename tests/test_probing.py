@@ -1,0 +1,105 @@
+"""Linear probes: the batched ridge equals sklearn's, one forward per image, stores and bad layers."""
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import Ridge
+
+import vitlens
+from analyses import probing
+from tests.helpers.tiny import SyntheticImages, tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return SyntheticImages(48, seed=1), SyntheticImages(24, seed=2)
+
+
+def _sklearn_table(train_x, train_y, test_x, test_y, n_classes):
+    """Accuracy and mean rank per position, with one sklearn Ridge per position (the original's loop).
+
+    lsqr is run to convergence: at its default tol=1e-4 it stops short of the ridge solution by about that
+    much, enough to swap near-tied classes.
+    """
+    targets = -np.ones((len(train_y), n_classes))
+    targets[np.arange(len(train_y)), train_y] = 1
+    accuracy, mean_rank = [], []
+    for pos in range(train_x.shape[1]):
+        scores = Ridge(alpha=1.0, solver="lsqr", tol=1e-12).fit(train_x[:, pos], targets).predict(test_x[:, pos])
+        label_score = scores[np.arange(len(test_y)), test_y][:, None]
+        ranks = (scores > label_score).sum(1)
+        accuracy.append(np.mean(scores.argmax(1) == test_y))
+        mean_rank.append(ranks.mean())
+    return np.array(accuracy), np.array(mean_rank)
+
+
+def _features(model, data, layer, hook="hook_resid_post"):
+    """[n pos d] of one layer, from run_with_cache (independent of the probing module)."""
+    images = torch.stack([data[i]["image"] for i in range(len(data))])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(images)
+    return cache[f"blocks.{layer}.{hook}"].numpy(), np.asarray(data.samples.label)
+
+
+@pytest.mark.parametrize("compat", [False, True])
+def test_probes_match_sklearn_and_run_one_forward_per_image(model, splits, compat):
+    train, test = splits
+    seen = []
+    handle = model.vit.patch_embed.register_forward_hook(lambda module, inputs, output: seen.append(len(output)))
+    try:
+        table = probing.run(model, train, test, compat=compat, batch_size=16)
+    finally:
+        handle.remove()
+    assert sum(seen) == len(train) + len(test)  # the original: one forward per image and token (x17)
+    assert list(table.columns[:4]) == ["layer", "token", "accuracy", "mean_rank"]
+    for layer in range(model.cfg.n_layers):
+        train_x, train_y = _features(model, train, layer)
+        test_x, test_y = _features(model, test, layer)
+        accuracy, mean_rank = _sklearn_table(train_x, train_y, test_x, test_y, 10)
+        rows = table[table.layer == layer].sort_values("token")
+        np.testing.assert_allclose(rows.accuracy, accuracy)
+        np.testing.assert_allclose(rows.mean_rank, mean_rank)
+
+
+@pytest.mark.parametrize("n", [40, 20])  # primal (n > d) and dual (n < d) solves
+def test_ridge_fit_equals_sklearn_coefficients(n):
+    generator = torch.Generator().manual_seed(n)
+    X = torch.randn(3, n, 32, generator=generator) * 4 + 1
+    y = torch.randint(0, 5, (n,), generator=generator)
+    Y = -torch.ones(n, 5)
+    Y[torch.arange(n), y] = 1
+    weight, bias = probing.ridge_fit(X, Y, compat=True)
+    for pos in range(3):
+        reference = Ridge(alpha=1.0, solver="lsqr", tol=1e-12).fit(X[pos].double().numpy(), Y.double().numpy())
+        np.testing.assert_allclose(weight[pos].numpy(), reference.coef_.T, atol=1e-7)
+        np.testing.assert_allclose(bias[pos].numpy(), reference.intercept_, atol=1e-7)
+    fast, _ = probing.ridge_fit(X, Y)  # float32
+    np.testing.assert_allclose(fast.numpy(), weight.numpy(), atol=1e-4)
+
+
+def test_probes_from_stores_and_a_missing_layer(model, splits, tmp_path):
+    train, test = splits
+    stores = [vitlens.record(model, data, tmp_path / name, hooks="blocks.*.hook_resid_post", dtype="float32",
+                             progress=False) for name, data in (("train", train), ("test", test))]
+    from_stores = probing.run(model, *stores)
+    from_data = probing.run(model, train, test)
+    np.testing.assert_allclose(from_stores[["accuracy", "mean_rank"]], from_data[["accuracy", "mean_rank"]])
+    with pytest.raises(KeyError, match="blocks.1.hook_mlp_out"):
+        probing.run(model, *stores, hook="hook_mlp_out", layers=[1])
+    with pytest.raises(ValueError, match=r"layers \[5\]"):
+        probing.run(model, train, test, layers=[5])
+
+
+def test_split_per_class_keeps_the_first_images_of_each_class(splits):
+    data = splits[0]
+    train, test = probing.split_per_class(data, 2)
+    labels = np.asarray(data.samples.label)
+    assert sorted(train.rows + test.rows) == list(range(len(data)))
+    assert all(np.sum(labels[train.rows] == c) == min(2, np.sum(labels == c)) for c in np.unique(labels))
+    assert train[0]["sample_id"] == train.samples.sample_id[0]
+    with pytest.raises(ValueError, match="train-per-class"):
+        probing.split_per_class(data, 100)
