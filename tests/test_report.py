@@ -1,0 +1,138 @@
+"""The HTML report and the Dash explorer, checked in a real browser (Debian's Chromium driven by Playwright)."""
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import vitlens
+from analyses.class_embedding import ClassRankReducer
+from vitlens.data import load_dataset
+from vitlens.explore import Server, create_app, image_stats
+from vitlens.report import Study, render_sections, write_report
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTEFACTS = Path(__file__).parent / "artefacts"
+needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A study folder with one store of the bundled model: class ranks and CLS attention rows of 20 scenes."""
+    model = vitlens.load_model("tiny-scenes")
+    data = load_dataset("scenes", model=model, n_per_class=2)
+    root = tmp_path_factory.mktemp("study")
+    vitlens.record(model, data, root / "recording", hooks={"blocks.*.attn.hook_pattern": "cls"},
+                   reducers=[ClassRankReducer()], progress=False)
+    return root, data
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        yield chromium
+        chromium.close()
+
+
+def open_page(browser, url: str):
+    page = browser.new_page(viewport={"width": 1200, "height": 1000})
+    errors = []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(url)
+    return page, errors
+
+
+def test_missing_sections_name_their_command(study):
+    root, data = study
+    sections = {s["name"]: s for s in render_sections(Study(root, data=data))}
+    assert sections["tokens"]["figures"] and sections["tokens"]["missing"] is None
+    absent = [s for s in sections.values() if s["missing"]]
+    for section in absent:  # every section this store cannot show says how to compute it
+        assert "`vitlens " in section["missing"], section
+
+
+def test_study_errors_name_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        Study(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="no vitlens store"):
+        Study(tmp_path)
+
+
+@needs_browser
+def test_report_renders_in_a_browser_and_the_layer_slider_moves(study, browser):
+    root, data = study
+    report = write_report(root, data=data)
+    page, errors = open_page(browser, report.as_uri())
+    page.wait_for_selector(".js-plotly-plot .main-svg")
+    for section in page.locator("section").all():
+        if section.locator(".missing").count() == 0:
+            assert section.locator(".js-plotly-plot .main-svg").count() > 0, section.get_attribute("id")
+
+    first = "tokens-0"
+    visible = "() => document.getElementById('%s').data.map(t => t.visible)" % first
+    heatmap = "() => Array.from(document.getElementById('%s').querySelectorAll('.hm image')).map(i => " \
+              "i.getAttribute('href')).join()" % first
+    before_visible, before_image = page.evaluate(visible), page.evaluate(heatmap)
+    rail = page.locator(f"#{first} .slider-rail-rect")
+    box = rail.bounding_box()
+    page.mouse.click(box["x"] + 2, box["y"] + box["height"] / 2)  # the first step: layer 0
+    page.wait_for_timeout(300)
+    after_visible, after_image = page.evaluate(visible), page.evaluate(heatmap)
+    assert before_visible != after_visible and after_visible[:2] == [True, True]
+    assert before_image != after_image
+    assert errors == []
+    ARTEFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTEFACTS / "report.png"), full_page=False)
+    page.close()
+
+
+@needs_browser
+def test_explorer_picks_an_image_and_a_layer(study, browser):
+    root, data = study
+    app = create_app(root, data=data)
+    with Server(app) as server:
+        page, errors = open_page(browser, server.url)
+        page.wait_for_selector("#ranks .hm image")
+
+        def heatmap():
+            return page.evaluate("() => JSON.stringify(document.getElementById('ranks').querySelector"
+                                 "('.js-plotly-plot').data[0].z)")
+
+        start = heatmap()
+        page.locator("#layer [role=slider]").press("Home")  # layer 0
+        page.wait_for_function("z => JSON.stringify(document.getElementById('ranks').querySelector"
+                               "('.js-plotly-plot').data[0].z) !== z", arg=start)
+        layer0 = heatmap()
+        page.locator("#image").click()
+        page.get_by_role("option", name=re.compile("^digit5")).first.click()
+        page.wait_for_function("z => JSON.stringify(document.getElementById('ranks').querySelector"
+                               "('.js-plotly-plot').data[0].z) !== z", arg=layer0)
+        z = np.array(eval(heatmap()))  # the label's ranks of that image at layer 0, as the store has them
+        store = Study(root).stores["recording"]
+        index = int(np.flatnonzero(store.samples.sample_id.str.startswith("digit5/"))[0])
+        patches = store.layout.tokens("patches").numpy()
+        assert np.array_equal(z, store["class_rank"][index][0, patches].reshape(store.layout.grid))
+        assert errors == []
+        page.close()
+    with pytest.raises(Exception):  # the server is down once the context exits
+        import urllib.request
+
+        urllib.request.urlopen(server.url, timeout=2)
+
+
+def test_image_stats_match_a_plain_count(study):
+    root, data = study
+    study_ = Study(root, data=data)
+    stats = image_stats(study_)
+    ranks = study_.stores["recording"]["class_rank"][:]
+    assert np.allclose(stats["identifiability"], (ranks[:, -1] == 0).mean(axis=-1))
+    assert np.allclose(stats["object_fraction"], [np.asarray(data[i]["token_mask"]).mean() for i in range(len(data))])
