@@ -16,9 +16,17 @@ study's table over a dataset and :func:`plot` its figure.
 """
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
+import pandas as pd
 import torch
+
+from analyses.class_embedding import ClassRankReducer, label_rank
+from vitlens.recorder import Computation
 
 HookList = Sequence[tuple[str, Callable]]
 
@@ -70,9 +78,9 @@ def forward_kept(model, images: torch.Tensor, keep: torch.Tensor, *, fwd_hooks: 
                  return_resid: bool = False, keep_prefix: bool = True):
     """Run `model` on only some tokens of each image, dropping the others right after the position embedding.
 
-    This is the token perturbation of vit-cls_emb (§A7, their ``tokens_mask``): a hook on ``hook_full_embed``
-    gathers the kept tokens, so the blocks see a shorter sequence (in layout order, prefix tokens first)
-    and the dropped tokens take no part in attention at all. The head then pools what is left: CLS for
+    This is the token perturbation of vit-cls_emb (§A7, their ``tokens_mask``): the kept tokens are gathered
+    right after ``hook_full_embed`` (which still sees every token), so the blocks see a shorter sequence (in
+    layout order, prefix tokens first) and the dropped tokens take no part in attention at all. The head then pools what is left: CLS for
     CLS-pooling models, the mean of the kept patches for average-pooling ones.
 
     Args:
@@ -82,8 +90,8 @@ def forward_kept(model, images: torch.Tensor, keep: torch.Tensor, *, fwd_hooks: 
             indices [batch n_keep] (the same count for every image). Images that keep different numbers of
             tokens are run in groups of equal count (one forward per group).
         fwd_hooks: extra TransformerLens ``(name, fn)`` hooks for the same forward (e.g. from
-            :func:`attention_hooks`). They see the shortened sequence: position i is the i-th kept token,
-            and the prefix tokens keep their positions (0 = CLS).
+            :func:`attention_hooks`), removed on return. Hooks after ``hook_full_embed`` see the shortened
+            sequence: position i is the i-th kept token, and the prefix tokens keep their positions (0 = CLS).
         return_resid: also return the last block's residual (``blocks.{L-1}.hook_resid_post``) of the
             kept tokens, put back at their layout positions.
         keep_prefix: add the prefix tokens (CLS, distillation, registers) to every kept set (default). With
@@ -98,32 +106,25 @@ def forward_kept(model, images: torch.Tensor, keep: torch.Tensor, *, fwd_hooks: 
     """
     indices = kept_indices(model, images, keep, keep_prefix=keep_prefix)
     counts = torch.tensor([len(i) for i in indices])
-    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
     logits = resid = None
-    for count in counts.unique().tolist():
-        rows = (counts == count).nonzero().squeeze(1).to(images.device)
-        index = torch.stack([indices[i] for i in rows.tolist()])  # [group n_keep]
-        gathered = {}
-
-        def gather(x, hook, index=index):
-            return x.gather(1, index[:, :, None].expand(-1, -1, x.shape[-1]))
-
-        def keep_last(x, hook):
-            gathered["resid"] = x
-
-        hooks = [("hook_full_embed", gather), *fwd_hooks] + ([(last, keep_last)] if return_resid else [])
-        out = model.run_with_hooks(images[rows], fwd_hooks=hooks)
-        if logits is None:
-            logits = out.new_empty(len(images), out.shape[-1])
-        logits = logits.index_copy(0, rows, out)
-        if return_resid:
-            part = gathered["resid"]
-            if resid is None:
-                n_tokens = model.layout_for(images).n_tokens
-                resid = part.new_full((len(images), n_tokens, part.shape[-1]), float("nan"))
-            full = part.new_full((len(rows), resid.shape[1], part.shape[-1]), float("nan"))
-            full = full.scatter(1, index[:, :, None].expand(-1, -1, part.shape[-1]), part)
-            resid = resid.index_copy(0, rows, full)
+    with model.hooks(fwd_hooks=list(fwd_hooks)):
+        for count in counts.unique().tolist():
+            rows = (counts == count).nonzero().squeeze(1).to(images.device)
+            index = torch.stack([indices[i] for i in rows.tolist()])[:, :, None]  # [group n_keep 1]
+            # HookedViT.forward, step by step, with the sequence shortened after hook_full_embed
+            x = model.embed(images[rows])
+            x = x.gather(1, index.expand(-1, -1, x.shape[-1]))
+            for block in model.blocks:
+                x = block(x)
+            out = model.hook_logits(model._head(model.ln_final(x)))
+            logits = out.new_empty(len(images), out.shape[-1]) if logits is None else logits
+            logits = logits.index_copy(0, rows, out)
+            if return_resid:
+                if resid is None:
+                    n_tokens = model.layout_for(images).n_tokens
+                    resid = x.new_full((len(images), n_tokens, x.shape[-1]), float("nan"))
+                full = x.new_full((len(rows), resid.shape[1], x.shape[-1]), float("nan"))
+                resid = resid.index_copy(0, rows, full.scatter(1, index.expand(-1, -1, x.shape[-1]), x))
     return (logits, resid) if return_resid else logits
 
 
@@ -184,3 +185,177 @@ def attention_hooks(model, kind: str, layers: Sequence[int] | None = None,
         return edited
 
     return [(f"blocks.{layer}.attn.hook_pattern", edit) for layer in layers]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Perturbed ranks
+
+CONTEXT_KINDS = ("context", "class_label")
+KINDS = ("none", *ATTENTION_KINDS, *CONTEXT_KINDS)
+""""none" (the unperturbed model), the attention edits and the token sets: "context" keeps CLS and the object
+tokens (context removed), "class_label" keeps CLS and the context tokens (object removed)."""
+
+
+def perturbed_forward(model, images: torch.Tensor, labels: torch.Tensor, kind: str, *,
+                      token_mask: torch.Tensor | None = None, threshold: float = 0.0):
+    """(logits [batch classes], ranks int64 [batch tokens]) of one perturbed forward; see :func:`ranks`."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown perturbation {kind!r}; expected one of {KINDS}")
+    n_tokens = model.layout_for(images).n_tokens
+    keep = torch.ones(len(images), n_tokens, dtype=torch.bool, device=images.device)
+    if kind in CONTEXT_KINDS:
+        if token_mask is None:
+            raise ValueError(f"{kind} perturbation needs token_mask [batch grid_h grid_w] (the dataset's "
+                             "segmentation on the token grid); this dataset has none: use ImageNet-S or the scenes")
+        is_object = token_mask.to(images.device).reshape(len(images), -1) > threshold
+        n_prefix = model.layout.n_prefix
+        if is_object.shape[1] != n_tokens - n_prefix:
+            raise ValueError(f"token_mask has {is_object.shape[1]} cells but the model has "
+                             f"{n_tokens - n_prefix} patches; build the masks on the model's token grid")
+        keep[:, n_prefix:] = is_object if kind == "context" else ~is_object
+    hooks = attention_hooks(model, kind) if kind in ATTENTION_KINDS else ()
+    logits, resid = forward_kept(model, images, keep, fwd_hooks=hooks, return_resid=True)
+    rank = label_rank(model.unembed(resid), labels.to(images.device))
+    return logits, rank.masked_fill(resid.isnan().any(-1), -1)
+
+
+def ranks(model, images: torch.Tensor, labels: torch.Tensor, kind: str, *, token_mask: torch.Tensor | None = None,
+          threshold: float = 0.0) -> torch.Tensor:
+    """The label's rank at the last layer, for every token of a perturbed forward: int64 [batch tokens], -1 where
+    the token was dropped (§A6-A7: the study's ``pos`` at ``blocks[-1]``, CLS included).
+
+    kind: "none", "self_only", "no_cls" (:func:`attention_hooks` in every block), "context" or "class_label"
+    (tokens dropped after the position embedding, :func:`forward_kept`; `token_mask` [batch grid_h grid_w]
+    is the object on the token grid, object = ``token_mask > threshold``). Ranks count strictly larger logits.
+    """
+    return perturbed_forward(model, images, labels, kind, token_mask=token_mask, threshold=threshold)[1]
+
+
+class PerturbedRun(Computation):
+    """Recorder computations of one perturbation: ``<kind>_rank`` (int16 [tokens], -1 = dropped) and
+    ``<kind>_logits`` (float32 [classes]); the two share one forward per batch."""
+
+    def __init__(self, kind: str, what: str, threshold: float = 0.0, shared: dict | None = None):
+        self.kind, self.what, self.threshold = kind, what, threshold
+        self.name, self.dtype = f"{kind}_{what}", "int16" if what == "rank" else "float32"
+        self._shared = {} if shared is None else shared
+
+    def shape(self, model) -> tuple[int, ...]:
+        return (model.layout.n_tokens,) if self.what == "rank" else (model.cfg.d_vocab,)
+
+    def compute(self, model, images, labels, batch=None):
+        if self._shared.get("images") is not images:
+            mask = (batch or {}).get("token_mask") if self.kind in CONTEXT_KINDS else None
+            self._shared.update(images=images, result=perturbed_forward(model, images, labels, self.kind,
+                                                                        token_mask=mask, threshold=self.threshold))
+        logits, rank = self._shared["result"]
+        return rank if self.what == "rank" else logits
+
+    def to_dict(self) -> dict:
+        return {"class": type(self).__name__, "kind": self.kind, "what": self.what, "threshold": self.threshold}
+
+
+class _LastLayerRank(ClassRankReducer):
+    """The unperturbed label rank of every token at the last layer only: int16 [n, 1, tokens]."""
+
+    def hooks(self, model) -> list[str]:
+        return super().hooks(model)[-1:]
+
+    def shape(self, model) -> tuple[int, ...]:
+        return 1, model.layout.n_tokens
+
+
+def record(model, data, kind: str, path: str | os.PathLike, *, threshold: float = 0.0, batch_size: int = 32,
+           device=None, progress: bool = True, **record_options):
+    """Record the perturbed and the unperturbed last-layer ranks and logits of `kind` over `data` into the store
+    at `path` (resumable): ``<kind>_rank``, ``<kind>_logits``, ``reference_rank`` [n, 1, tokens] and
+    ``hook_logits``. Returns the store."""
+    from vitlens.recorder import record as record_store
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown perturbation {kind!r}; expected one of {KINDS}")
+    shared: dict = {}
+    computations = [PerturbedRun(kind, what, threshold, shared) for what in ("rank", "logits")]
+    return record_store(model, data, path, hooks={"hook_logits": "all"},
+                        reducers=[_LastLayerRank(name="reference_rank", precision="float32")],
+                        computations=computations, dtype="float32", batch_size=batch_size, device=device,
+                        progress=progress, **record_options)
+
+
+def run(model, data, kind: str, *, compat: bool = False, store: str | os.PathLike | None = None,
+        threshold: float = 0.0, batch_size: int = 32, device=None, progress: bool = False,
+        **record_options) -> pd.DataFrame:
+    """The study's perturbation table for one `kind` over `data`: one row with columns ``kind, rate,
+    reference_rate, accuracy, reference_accuracy, n_images``.
+
+    rate: the identifiability rate at the last layer under the perturbation (% of tokens with rank 0, per
+    image, averaged over images); reference_rate: the same for the unperturbed model; accuracy and
+    reference_accuracy: top-1 %. By default both rates use the same tokens: the image tokens that the
+    perturbation kept (every patch for attention edits), images with none left out.
+
+    ``compat=True`` reproduces the study's printouts (§A6-A7, §A12.8): for attention edits the perturbed rate
+    counts every token including CLS while the reference counts image tokens only; for context edits both
+    count the kept tokens including CLS.
+
+    With `store` the per-image results are recorded there (:func:`record`; running again finishes only the
+    missing images), otherwise in a temporary store.
+    """
+    if store is None:
+        with tempfile.TemporaryDirectory(prefix="vitlens-perturbation-") as folder:
+            return run(model, data, kind, compat=compat, store=Path(folder) / kind, threshold=threshold,
+                       batch_size=batch_size, device=device, progress=progress, **record_options)
+    with record(model, data, kind, store, threshold=threshold, batch_size=batch_size, device=device,
+                progress=progress, **record_options) as recorded:
+        return table(recorded, kind, compat=compat)
+
+
+def table(store, kind: str, *, compat: bool = False) -> pd.DataFrame:
+    """The one-row table of :func:`run` from a store written by :func:`record`."""
+    names = [f"{kind}_rank", f"{kind}_logits", "reference_rank", "hook_logits"]
+    missing = [name for name in names if name not in store]
+    if missing:
+        raise KeyError(f"{store.path} has no {missing}; record them with `vitlens analyze "
+                       f"{'attention' if kind in ATTENTION_KINDS else 'context'}-perturbation` "
+                       f"(analyses.perturbation.record)")
+    perturbed, logits = store[names[0]][:].astype(np.int64), store[names[1]][:]
+    reference, reference_logits = store["reference_rank"][:, 0].astype(np.int64), store["hook_logits"][:]
+    labels = store.samples["label"].to_numpy()
+    layout = store.layout
+    kept = perturbed >= 0
+    patches = np.zeros_like(kept)
+    patches[:, layout.n_prefix:] = True
+    if not compat:
+        perturbed_set = reference_set = kept & patches
+    elif kind in CONTEXT_KINDS:
+        perturbed_set = reference_set = kept
+    else:
+        perturbed_set, reference_set = kept, np.broadcast_to(np.arange(kept.shape[1]) >= 1, kept.shape)
+    return pd.DataFrame([{
+        "kind": kind,
+        "rate": _rate(perturbed, perturbed_set),
+        "reference_rate": _rate(reference, reference_set),
+        "accuracy": 100 * float((logits.argmax(1) == labels).mean()),
+        "reference_accuracy": 100 * float((reference_logits.argmax(1) == labels).mean()),
+        "n_images": len(labels),
+    }])
+
+
+def _rate(rank: np.ndarray, selected: np.ndarray) -> float:
+    """% of the selected tokens with rank 0, per image, averaged over the images with any token selected."""
+    counts = selected.sum(1)
+    hits = ((rank == 0) & selected).sum(1)
+    has = counts > 0
+    return 100 * float((hits[has] / counts[has]).mean()) if has.any() else float("nan")
+
+
+def plot(table: pd.DataFrame, *, y: str = "rate", title: str = ""):
+    """Perturbed vs unperturbed `y` ("rate" or "accuracy") per kind: a plotly grouped bar Figure over the rows of
+    one or more :func:`run` tables (``pd.concat`` them)."""
+    import plotly.express as px
+
+    if y not in ("rate", "accuracy"):
+        raise ValueError(f"y={y!r} must be 'rate' or 'accuracy'")
+    long = table.melt(id_vars="kind", value_vars=[y, f"reference_{y}"], var_name="model", value_name=y)
+    long["model"] = long["model"].map({y: "perturbed", f"reference_{y}": "unperturbed"})
+    figure = px.bar(long, x="kind", y=y, color="model", barmode="group")
+    return figure.update_layout(title=title or None, template="plotly_white")
