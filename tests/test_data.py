@@ -386,3 +386,71 @@ def test_encode_segmentation_refuses_ids_it_cannot_store():
     for ids in ([[0, 65536]], [[-1, 3]]):
         with pytest.raises(ValueError, match="expected ids in 0..65535"):
             encode_segmentation(np.array(ids))
+
+
+def test_hand_made_mask_png_decodes_as_r_plus_256_g(tmp_path):
+    """Fails if encode and decode were both swapped to G + 256 R (a round trip alone would not notice)."""
+    pixels = np.zeros((4, 5, 3), dtype=np.uint8)
+    pixels[1, 2] = (232, 3, 0)  # 232 + 256 * 3 = 1000, the ignore id
+    pixels[3, 4] = (7, 0, 0)  # class 7
+    Image.fromarray(pixels, "RGB").save(tmp_path / "mask.png")
+    ids = decode_segmentation(tmp_path / "mask.png")
+    assert ids[1, 2] == IGNORE_ID == 1000 and ids[3, 4] == 7 and ids.sum() == 1007
+    encoded = np.asarray(encode_segmentation(np.array([[1000, 7]])))
+    assert encoded.tolist() == [[[232, 3, 0], [7, 0, 0]]]
+
+
+def test_stimuli_csv_order_is_img_index_not_file_name(imagenet_s):
+    variant = imagenet_s / "ImageNetS919"
+    files = [f"ILSVRC2012_val_{i:08d}.JPEG" for i in (1, 2, 3)]  # goldfish, sorted by name
+    rows = pd.DataFrame({"imagenet_id": ["n01531178", "n01443537", "n01443537", "n01443537"],
+                         "index": [11, 1, 1, 1], "cat": ["brambling", "goldfish", "goldfish", "goldfish"],
+                         "img_name": ["ILSVRC2012_val_00000005.JPEG", *files], "img_index": [0, 2, 0, 1]})
+    rows.to_csv(variant / "validation_stim_info.csv", index=False)
+    ds = ImageNetS(imagenet_s, transform=ToTensor())
+    assert ds.samples["sample_id"].tolist() == ["n01443537/ILSVRC2012_val_00000002",
+                                                "n01443537/ILSVRC2012_val_00000003",
+                                                "n01443537/ILSVRC2012_val_00000001",
+                                                "n01531178/ILSVRC2012_val_00000005"]
+    first = ToTensor()(Image.open(variant / "validation" / "n01443537" / files[1]).convert("RGB"))
+    assert torch.equal(ds[0]["image"], first)
+    two = ImageNetS(imagenet_s, transform=ToTensor(), n_per_class=1)
+    assert two.samples["sample_id"].tolist() == ["n01443537/ILSVRC2012_val_00000002",
+                                                 "n01531178/ILSVRC2012_val_00000005"]
+
+
+def test_vit_cls_emb_preprocessing_is_a_plain_resize_with_nearest_masks(imagenet_s):
+    """specs §A2: PIL bilinear resize of the whole image (no crop, aspect not kept), x/255, (x - 0.5)/0.5, and
+    masks by cv2 INTER_NEAREST from the full-resolution mask. 47 x 49 px makes 47 * (96 / 47) round below 96."""
+    height, width, grid = 47, 49, (4, 4)
+    model = SimpleNamespace(data_config={"input_size": (3, 224, 224), "interpolation": "bicubic", "crop_pct": 0.9,
+                                         "crop_mode": "center", "mean": (0.485, 0.456, 0.406),
+                                         "std": (0.229, 0.224, 0.225)},
+                            layout=SimpleNamespace(grid=grid))
+    model.data_config["input_size"] = (3, height, width)
+    ds = load_dataset(imagenet_s, model=model, preprocessing="vit-cls_emb", stimuli=False)
+    timm_ds = load_dataset(imagenet_s, model=model, stimuli=False)
+    assert input_box((96, 128), ds.data_config) == (0.0, 0.0, 96.0, 128.0)  # exactly the whole image
+    for index in (0, 5):
+        row = ds.samples.loc[index]
+        source = Image.open(row.image_path).convert("RGB")
+        plain = np.asarray(source.resize((width, height), Image.BILINEAR), dtype=np.float32) / 255.0
+        expected = torch.from_numpy((plain - 0.5) / 0.5).permute(2, 0, 1)
+        item = ds[index]
+        torch.testing.assert_close(item["image"], expected, atol=1e-6, rtol=0)
+        assert not torch.allclose(timm_ds[index]["image"], expected, atol=0.1)  # timm's default crops and differs
+        ids = decode_segmentation(row.mask_path)  # 96 x 128: token (r, c) samples pixel (24 r, 32 c)
+        nearest = [[float(ids[24 * r, 32 * c] == row.seg_id) for c in range(4)] for r in range(4)]
+        assert item["token_mask"].tolist() == nearest
+    with pytest.raises(ValueError, match="unknown preprocessing 'hf'"):
+        load_dataset(imagenet_s, model=model, preprocessing="hf", stimuli=False)
+    with pytest.raises(ValueError, match="drop data_config="):
+        load_dataset(imagenet_s, model=model, preprocessing="vit-cls_emb", data_config=model.data_config)
+
+
+def test_home_directory_paths_are_expanded(imagenet_s, monkeypatch):
+    monkeypatch.setenv("HOME", str(imagenet_s.parent))
+    ds = load_dataset(f"~/{imagenet_s.name}", transform=ToTensor(), stimuli=False)
+    assert len(ds) == 11 and ds.samples.loc[0, "image_path"].startswith(str(imagenet_s))
+    saved = ImageNetS(imagenet_s, transform=ToTensor(), stimuli=False).save_stim_info(imagenet_s.parent / "s.csv")
+    assert len(load_dataset(imagenet_s, transform=ToTensor(), stimuli=f"~/{saved.name}")) == 11

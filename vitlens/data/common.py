@@ -22,15 +22,36 @@ def default_data_config() -> dict:
     return resolve_data_config(pretrained_cfg={"input_size": (3, 224, 224)})
 
 
+PREPROCESSING = ("timm", "vit-cls_emb")
+
+
+def vit_cls_emb_config(input_size) -> dict:
+    """The class-embedding study's preprocessing as a timm data config (HF ``ViTImageProcessor``): a PIL bilinear
+    resize of the whole image to `input_size` (C, H, W), no crop, x/255, then (x - 0.5) / 0.5. Masks then go to
+    the token grid from the full-resolution mask (the whole image is shown)."""
+    return {"input_size": tuple(input_size), "interpolation": "bilinear", "mean": (0.5, 0.5, 0.5),
+            "std": (0.5, 0.5, 0.5), "crop_pct": 1.0, "crop_mode": "squash", "preprocessing": "vit-cls_emb"}
+
+
 def resolve_preprocessing(model=None, data_config: dict | None = None, transform: Callable | None = None,
-                          grid: tuple[int, int] | None = None):
+                          grid: tuple[int, int] | None = None, preprocessing: str = "timm"):
     """Pick the data config, image transform and token grid.
 
     `model` supplies `model.data_config` (a timm data-config dict) and `model.layout.grid` (tokens (h, w));
-    explicit `data_config`, `transform` and `grid` win over the model's. The data config also fixes the mask
-    geometry; a bare `transform` without any data config is taken to show the whole image (no crop).
+    explicit `data_config`, `transform` and `grid` win over the model's. `preprocessing="vit-cls_emb"` replaces
+    the model's config with :func:`vit_cls_emb_config` at the model's input size. The data config also fixes
+    the mask geometry; a bare `transform` without any data config is taken to show the whole image (no crop).
     Returns (data_config or None, transform, grid or None).
     """
+    if preprocessing not in PREPROCESSING:
+        raise ValueError(f"unknown preprocessing {preprocessing!r}; expected one of {PREPROCESSING}")
+    if preprocessing != "timm":
+        if data_config is not None or transform is not None:
+            raise ValueError(f"preprocessing={preprocessing!r} sets the transform itself; drop data_config= and "
+                             "transform=, or drop preprocessing=")
+        if model is None:
+            raise ValueError(f"preprocessing={preprocessing!r} resizes to the model's input size: pass model=")
+        data_config = vit_cls_emb_config(model.data_config["input_size"])
     if model is not None:
         data_config = data_config if data_config is not None else model.data_config
         grid = grid if grid is not None else model.layout.grid

@@ -16,13 +16,14 @@ class ImageFolderDataset(ImageDataset):
     ImageNet-1k output index (so a pretrained model's outputs line up), else the position of the class in the
     sorted folder names. `n_per_class` keeps the first n images of each class and drops classes with fewer
     (`classes` still lists every folder). Images are read as RGB (grayscale is converted). A class folder
-    without images, a root without class folders, or an empty selection is an error.
+    without images, a root without class folders, or an empty selection is an error. `preprocessing`: see
+    `common.resolve_preprocessing`.
     """
 
     def __init__(self, root: Path | str, *, model=None, data_config: dict | None = None,
                  transform: Callable | None = None, class_to_label: dict[str, int] | None = None,
-                 n_per_class: int | None = None):
-        self.root = Path(root)
+                 n_per_class: int | None = None, preprocessing: str = "timm"):
+        self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist; expected root/<class>/<image>")
         files = class_images(self.root, "root/<class>/<image>")
@@ -43,6 +44,6 @@ class ImageFolderDataset(ImageDataset):
                                  "name": names[name], "image_path": str(path), "mask_path": None, "seg_id": 0}
                                 for name in classes for path in files[name]])
         samples = first_per_class(samples, n_per_class, self.root)
-        data_config, transform, _ = resolve_preprocessing(model, data_config, transform)
+        data_config, transform, _ = resolve_preprocessing(model, data_config, transform, preprocessing=preprocessing)
         super().__init__(samples, classes, data_config=data_config, transform=transform, grid=None,
                          mask_resize="nearest")

@@ -87,7 +87,8 @@ class ImageNetS(ImageDataset):
       * otherwise the class folders and image files sorted by name (vit-cls_emb used the unreproducible
         `iterdir` order). For ImageNetS919 the 10 classes of `CATS_EXCLUDE_919` are left out, as in the seeds.
     `n_per_class` keeps the first n images of each class and drops classes with fewer, as the seeds do (n=5).
-    An empty selection is an error.
+    An empty selection is an error. `preprocessing`: "timm" (the model's eval transform) or "vit-cls_emb"
+    (the study's resize with no crop, see `common.vit_cls_emb_config`).
 
     Labels are model output indices: the row of the class in `LOC_synset_mapping.txt`. The segmentation id of a
     class is its row in the categories file + 1. Splits `validation` and `train-semi` need a mask for every
@@ -102,8 +103,8 @@ class ImageNetS(ImageDataset):
     def __init__(self, root: Path | str, split: str = "validation", *, variant: int | None = None, model=None,
                  data_config: dict | None = None, transform: Callable | None = None,
                  grid: tuple[int, int] | None = None, mask_resize: str = "nearest", n_per_class: int | None = None,
-                 stimuli: Path | str | bool | None = None):
-        self.root, self.n_classes = find_variant(root, variant)
+                 stimuli: Path | str | bool | None = None, preprocessing: str = "timm"):
+        self.root, self.n_classes = find_variant(Path(root).expanduser(), variant)
         self.variant_dir = self.root / f"ImageNetS{self.n_classes}"
         self.split = split
         self.split_dir = self.variant_dir / split
@@ -119,11 +120,11 @@ class ImageNetS(ImageDataset):
         if stimuli is False:
             chosen, source = self._scan_folders(), self.split_dir
         else:
-            source = default_csv if stimuli is True else Path(stimuli)
+            source = default_csv if stimuli is True else Path(stimuli).expanduser()
             chosen = self._read_stimuli(source)
         chosen = first_per_class(chosen, n_per_class, source)
         samples = self._describe(chosen.reset_index(drop=True))
-        data_config, transform, grid = resolve_preprocessing(model, data_config, transform, grid)
+        data_config, transform, grid = resolve_preprocessing(model, data_config, transform, grid, preprocessing)
         super().__init__(samples, sorted(samples["class"].unique()), data_config=data_config, transform=transform,
                          grid=grid, mask_resize=mask_resize)
 

@@ -101,7 +101,7 @@ def input_box(source_hw: tuple[int, int], data_config: dict | None) -> Box:
         raise ValueError(f"unknown crop_mode {crop_mode!r} in data config; expected 'center', 'squash' or 'border'")
     step_h, step_w = src_h / resized_h, src_w / resized_w
     return (_crop_offset(resized_h, out_h) * step_h, _crop_offset(resized_w, out_w) * step_w,
-            out_h * step_h, out_w * step_w)
+            out_h * src_h / resized_h, out_w * src_w / resized_w)  # exactly the source size when uncropped
 
 
 def _crop_offset(size: int, crop: int) -> int:

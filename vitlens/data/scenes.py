@@ -45,7 +45,7 @@ DATA_CONFIG = {"input_size": (3, IMAGE_SIZE, IMAGE_SIZE), "interpolation": "bili
 
 def cache_dir() -> Path:
     """`$VITLENS_CACHE` if set, else `~/.cache/vitlens`."""
-    return Path(os.environ.get("VITLENS_CACHE") or Path.home() / ".cache" / "vitlens")
+    return Path(os.environ.get("VITLENS_CACHE") or Path.home() / ".cache" / "vitlens").expanduser()
 
 
 @lru_cache(maxsize=1)
@@ -175,7 +175,7 @@ def ensure_scenes(root: Path | str | None = None, *, seed: int = 0) -> Path:
     root defaults to `cache_dir()`. Generation goes to a temporary folder that is renamed into place, so an
     interrupted run never leaves a half-written set (and concurrent runs keep whichever finished first).
     """
-    parent = Path(root) if root is not None else cache_dir()
+    parent = Path(root).expanduser() if root is not None else cache_dir()
     target = parent / f"scenes-v{VERSION}-seed{seed}"
     if target.is_dir():
         return target
