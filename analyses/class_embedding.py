@@ -577,3 +577,48 @@ def plot(table: pd.DataFrame, *, baseline: pd.DataFrame | None = None, y: str | 
                          "this module's measures")
     figure.update_layout(title=title or None, template="plotly_white")
     return figure
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line (declared in analyses/commands.py)
+
+
+def load_inputs(args):
+    """(model, dataset) of a ``vitlens analyze`` command: ``--model``, ``--data``, ``--mask-resize`` (default
+    "area" for the scenes, whose digit strokes nearest masks call context, and "nearest", the study's, else)."""
+    from vitlens import load_model
+    from vitlens.data import load_dataset
+
+    model = load_model(args.model)
+    mask_resize = args.mask_resize or ("area" if args.data == "scenes" else "nearest")
+    return model, load_dataset(args.data, model=model, mask_resize=mask_resize, n_per_class=args.n_per_class)
+
+
+def write_tables(store_path, tables: dict[str, pd.DataFrame]) -> None:
+    """Print each table and write it as ``<store>/results/<name>.csv``."""
+    results = Path(store_path) / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    for name, frame in tables.items():
+        frame.to_csv(results / f"{name}.csv", index=False)
+        print(f"\n{name} ({results / f'{name}.csv'})")
+        print(frame.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+
+
+def cli(args) -> None:
+    """``vitlens analyze identifiability``: record the projections (resumable), then every measure."""
+    model, data = load_inputs(args)
+    store = run(model, data, args.store, compat=args.compat, random_twin=args.random_twin,
+                batch_size=args.batch_size, device=args.device, precision=args.precision,
+                progress=not args.no_progress)
+    with store:
+        tables = {"identifiability": identifiability(store, compat=args.compat)}
+        if args.random_twin:
+            tables["compare_to_random"] = compare_to_random(store, random_twin_path(args.store), compat=args.compat)
+        tables["change_rate"] = change_rate(store, compat=args.compat)
+        tables["class_similarity_change"] = class_similarity_change(store, compat=args.compat)
+        tables["residual_composition"] = residual_composition(store, compat=args.compat)
+        if "token_mask" in data[0]:
+            for measure in CONTEXT_MEASURES:
+                tables[f"context_difference_{measure}"] = context_difference(store, data, measure=measure,
+                                                                             compat=args.compat)
+        write_tables(args.store, tables)

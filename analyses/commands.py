@@ -11,6 +11,48 @@ from vitlens import registry
 # --- class_embedding -------------------------------------------------------------------------------------
 registry.reducer("class_rank", "analyses.class_embedding:ClassRankReducer")
 
+
+def _study_arguments(parser) -> None:
+    """The flags shared by the class-embedding study's commands (identifiability, perturbations)."""
+    parser.add_argument("--model", default="tiny-scenes", help="a model name for vitlens.load_model (default "
+                                                               "tiny-scenes)")
+    parser.add_argument("--data", default="scenes", help="'scenes' (default) or an ImageNet-S root")
+    parser.add_argument("--store", required=True, help="the store directory; tables go to STORE/results/*.csv")
+    parser.add_argument("--compat", action="store_true", help="reproduce vit-cls_emb's numbers, bugs included "
+                                                              "(ties, GAP's first token, comp, mixed token sets)")
+    parser.add_argument("--mask-resize", choices=("nearest", "area"), default=None,
+                        help="token masks: default area for the scenes, nearest (the study's) otherwise")
+    parser.add_argument("--n-per-class", type=int, default=None, help="only the first N images of each class")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _identifiability_arguments(parser) -> None:
+    _study_arguments(parser)
+    parser.add_argument("--random-twin", action="store_true", help="also record a seeded random init of the same "
+                                                                   "architecture into STORE-random and compare")
+    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="projection precision (auto: bfloat16 only where the hardware runs it natively)")
+
+
+registry.command("analyze", "identifiability", "class identifiability of every token at every layer (vit-cls_emb)",
+                 "analyses.class_embedding:cli", _identifiability_arguments,
+                 description="Record the class-embedding projection (rank, logit, top-5) of the residual, attention "
+                             "and MLP outputs of every token at every layer into STORE (resumable), then write "
+                             "identifiability, change rate, class-similarity change, residual composition and "
+                             "class vs context tables to STORE/results/.")
+registry.command("analyze", "attention-perturbation", "identifiability under self_only and no_cls attention",
+                 "analyses.perturbation:cli_attention", _study_arguments,
+                 description="Run the model with image tokens attending only to themselves (self_only) and without "
+                             "attention to CLS (no_cls) in every block; record the last layer's ranks under "
+                             "STORE/perturbation/ (resumable) and write STORE/results/attention_perturbation.csv.")
+registry.command("analyze", "context-perturbation", "identifiability with the context or the object tokens removed",
+                 "analyses.perturbation:cli_context", _study_arguments,
+                 description="Keep CLS and the object tokens (context) or CLS and the context tokens (class_label), "
+                             "dropped after the position embedding, from the dataset's token masks; record under "
+                             "STORE/perturbation/ (resumable) and write STORE/results/context_perturbation.csv.")
+
 # --- report sections (analyses/sections.py) ----------------------------------------------------------------
 registry.section("tokens", "Class identity of every token, layer by layer", "analyses.sections:token_views",
                  requires=("class_rank",), command="vitlens analyze identifiability", order=20)
@@ -45,3 +87,41 @@ registry.command("", "evaluate", "score every explanation map of a store: faithf
                              "against the dataset's masks. Resumable; writes STORE/results/evaluate.csv (per "
                              "image) and evaluate_summary.csv (means with bootstrap 95% intervals, by class and "
                              "mask size) and prints the method x metric table.")
+
+# --- diffmask (analyses/diffmask/) -------------------------------------------------------------------------
+
+
+def _train_diffmask_arguments(parser) -> None:
+    """``vitlens train-diffmask`` options (defaults: the original's CLI)."""
+    parser.add_argument("--model", required=True, help="model name for vitlens.load_model (e.g. tiny-scenes)")
+    parser.add_argument("--data", required=True, help="'scenes', an ImageNet-S root or a labelled image folder")
+    parser.add_argument("--out", required=True, help="directory for diffmask.safetensors, train_state.pt, log.csv")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many batches")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--split", default="validation", help="dataset split (ImageNet-S)")
+    parser.add_argument("--n-per-class", type=int, default=None, help="use only the first N images of each class")
+    parser.add_argument("--alpha", type=float, default=20.0, help="initial Lagrange multiplier")
+    parser.add_argument("--lr", type=float, default=2e-5, help="gate learning rate")
+    parser.add_argument("--lr-placeholder", type=float, default=1e-3)
+    parser.add_argument("--lr-alpha", type=float, default=0.3)
+    parser.add_argument("--eps", type=float, default=0.1, help="KL tolerance")
+    parser.add_argument("--warmup", type=int, default=1200, help="gate learning-rate warm-up steps")
+    parser.add_argument("--mul-activation", type=float, default=15.0)
+    parser.add_argument("--add-activation", type=float, default=8.0)
+    parser.add_argument("--no-placeholder", action="store_true", help="mask with zeros instead of a learned vector")
+    parser.add_argument("--weighted-layers", action="store_true", help="draw well-trained layers less often")
+    parser.add_argument("--compat", action="store_true", help="the original's alpha update (gradient descent)")
+    parser.add_argument("--seed", type=int, default=123)
+    parser.add_argument("--checkpoint-every", type=int, default=200, help="batches between checkpoints")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+registry.command("", "train-diffmask", "train Vision DiffMask gates for a model on a dataset (resumable)",
+                 "analyses.diffmask.train:main", _train_diffmask_arguments,
+                 description="Train Vision DiffMask gates (Lookahead-Adam, per-layer Lagrange multipliers) for "
+                             "--model on --data, writing OUT/diffmask.safetensors, OUT/train_state.pt and "
+                             "OUT/log.csv; running it again resumes. Use the gates with "
+                             "`vitlens explain --methods diffmask --gates OUT/diffmask.safetensors`.")

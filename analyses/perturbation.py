@@ -359,3 +359,31 @@ def plot(table: pd.DataFrame, *, y: str = "rate", title: str = ""):
     long["model"] = long["model"].map({y: "perturbed", f"reference_{y}": "unperturbed"})
     figure = px.bar(long, x="kind", y=y, color="model", barmode="group")
     return figure.update_layout(title=title or None, template="plotly_white")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line (declared in analyses/commands.py)
+
+
+def store_path(store: str | os.PathLike, kind: str) -> Path:
+    """Where the ``vitlens analyze ...-perturbation`` commands record `kind`: ``<store>/perturbation/<kind>``."""
+    return Path(store) / "perturbation" / kind
+
+
+def _cli(args, kinds: Sequence[str], table_name: str) -> None:
+    from analyses.class_embedding import load_inputs, write_tables
+
+    model, data = load_inputs(args)
+    rows = [run(model, data, kind, compat=args.compat, store=store_path(args.store, kind),
+                batch_size=args.batch_size, device=args.device, progress=not args.no_progress) for kind in kinds]
+    write_tables(args.store, {table_name: pd.concat(rows, ignore_index=True)})
+
+
+def cli_attention(args) -> None:
+    """``vitlens analyze attention-perturbation``: self_only and no_cls in every block."""
+    _cli(args, ATTENTION_KINDS, "attention_perturbation")
+
+
+def cli_context(args) -> None:
+    """``vitlens analyze context-perturbation``: the object alone (context removed) and the context alone."""
+    _cli(args, CONTEXT_KINDS, "context_perturbation")
