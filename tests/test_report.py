@@ -136,3 +136,22 @@ def test_image_stats_match_a_plain_count(study):
     ranks = study_.stores["recording"]["class_rank"][:]
     assert np.allclose(stats["identifiability"], (ranks[:, -1] == 0).mean(axis=-1))
     assert np.allclose(stats["object_fraction"], [np.asarray(data[i]["token_mask"]).mean() for i in range(len(data))])
+
+
+def test_cli_report_and_explore_refuse_a_path_that_is_not_a_store(tmp_path, capsys):
+    from vitlens.cli import main
+
+    assert main(["report", str(tmp_path)]) == 1
+    assert "no vitlens store" in capsys.readouterr().err
+    assert main(["explore", str(tmp_path / "missing")]) == 1
+    assert "not a folder" in capsys.readouterr().err
+
+
+def test_cli_report_writes_the_file(study, tmp_path):
+    from vitlens.cli import main
+
+    root, _ = study
+    out = tmp_path / "r.html"
+    assert main(["report", str(root), "--data", "scenes", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert 'id="tokens"' in text and "Plotly.newPlot" in text and '<script src="http' not in text

@@ -335,6 +335,28 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild.add_argument("path", type=_path, help="the store directory")
     rebuild.set_defaults(run=_store_rebuild)
 
+    report = commands.add_parser(
+        "report", help="write an offline HTML report of a store or a folder of stores",
+        description="Render every analysis found in STORE (a store, or a folder of stores such as cache/demo) into "
+                    "one self-contained HTML file (plotly.js inlined); sections that are missing say which command "
+                    "computes them.")
+    report.add_argument("store", type=_path, help="a store or a folder of stores")
+    report.add_argument("--data", default=None, help="the dataset the store was recorded on, for views over the "
+                                                     "images ('scenes' or a root folder)")
+    report.add_argument("--model", default=None, help="the model for --data's preprocessing (default: the store's)")
+    report.add_argument("--out", type=_path, default=None, help="the HTML file (default STORE/report.html)")
+    report.set_defaults(run=lambda args: registry.load("vitlens.report:main")(args))
+    explore = commands.add_parser(
+        "explore", help="serve a Dash explorer over a store (localhost)",
+        description="Serve an interactive explorer over STORE: pick an image, a layer, a head or a method; click a "
+                    "point of the dataset scatter to open its image. Reads the store lazily.")
+    explore.add_argument("store", type=_path, help="a store or a folder of stores")
+    explore.add_argument("--data", default=None, help="the dataset the store was recorded on (images, masks)")
+    explore.add_argument("--model", default=None, help="the model for --data's preprocessing (default: the store's)")
+    explore.add_argument("--host", default="127.0.0.1", help="the address to bind (default localhost only)")
+    explore.add_argument("--port", type=_count(0), default=8050, help="the port (default 8050; 0: a free one)")
+    explore.set_defaults(run=lambda args: registry.load("vitlens.explore:main")(args))
+
     analyze = commands.add_parser("analyze", help="run an analysis of the class-embedding study over a dataset",
                                   description="Run one of the published analyses; each writes its tables as CSV.")
     analyses = analyze.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
