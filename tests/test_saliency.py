@@ -1,0 +1,154 @@
+"""Class-embedding saliency against a closed form, token-removal curves against a plain loop, AUCs."""
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+import analyses
+import vitlens
+from analyses import saliency
+from analyses.probing import Rows
+from vitlens import HookedViT
+from vitlens.data import load_dataset
+
+
+def _one_layer(class_token=True):
+    torch.manual_seed(3)
+    vit = VisionTransformer(img_size=16, patch_size=8, num_classes=7, embed_dim=16, depth=1, num_heads=2,
+                            mlp_ratio=2, class_token=class_token, global_pool="token" if class_token else "avg")
+    for p in vit.parameters():  # away from timm's small init, so every term of the closed form matters
+        p.data.normal_(0, 0.5)
+    return HookedViT.from_timm(vit.eval())
+
+
+def _closed_form(model, images, target, compat):
+    """d objective(token t) / d pattern[h, t, k] = V[h, k] . W_proj^T J_LN^T W_U g_p, written out by hand."""
+    with torch.no_grad():
+        _, cache = model.run_with_cache(images)
+    V = cache["blocks.0.attn.hook_v"]  # [b k h dh]
+    out = cache["blocks.0.hook_attn_out"]  # [b t d]
+    norm, W_U = model.final_norm, model.W_U  # W_U [d C]
+    logits = norm(out) @ W_U + model.b_U
+    onehot = torch.nn.functional.one_hot(target, W_U.shape[1]).float()[:, None]  # [b 1 C]
+    if compat:  # L = -log_softmax(q)_c with q = softmax(p): dL/dq = softmax(q) - e_c, then softmax's Jacobian
+        q = logits.softmax(-1)
+        g = q.softmax(-1) - onehot
+        g_p = q * (g - (q * g).sum(-1, keepdim=True))
+    else:
+        g_p = onehot.expand_as(logits)
+    mu, var = out.mean(-1, keepdim=True), out.var(-1, unbiased=False, keepdim=True)
+    sigma = (var + norm.eps).sqrt()
+    xhat = (out - mu) / sigma
+    u = norm.weight * (g_p @ W_U.T)  # [b t d]
+    g_x = (u - u.mean(-1, keepdim=True) - xhat * (u * xhat).mean(-1, keepdim=True)) / sigma
+    g_z = (g_x @ model.vit.blocks[0].attn.proj.weight).unflatten(-1, (2, 8))  # [b t h dh]
+    return torch.einsum("bkhe,bthe->bhtk", V, g_z)  # [b h t k]
+
+
+@pytest.mark.parametrize("compat", [False, True])
+def test_gradients_equal_the_closed_form_on_one_layer(compat):
+    model = _one_layer()
+    images, target = torch.randn(2, 3, 16, 16), torch.tensor([1, 4])
+    grads, patterns = saliency.class_embedding_gradients(model, images, target, compat=compat)
+    expected = _closed_form(model, images, target, compat)
+    torch.testing.assert_close(grads[:, 0], expected, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(images)
+    torch.testing.assert_close(patterns[:, 0], cache["blocks.0.attn.hook_pattern"])
+    maps = saliency.importance(model, images, target, compat=compat)  # CLS row, patches, summed over heads
+    cls_row = expected[:, :, 0, 1:].sum(1)
+    torch.testing.assert_close(maps.flatten(1), -cls_row if compat else cls_row, atol=1e-5, rtol=1e-4)
+    via_explain = analyses.explain(model, images, "class_embedding", target=target, compat=compat)
+    torch.testing.assert_close(via_explain, maps)
+
+
+def test_each_block_differentiates_only_its_own_objective():
+    """Block 0's gradient equals autograd of block 0's projected output alone (later blocks excluded)."""
+    model = vitlens.load_model("tiny-scenes")
+    images, target = torch.randn(2, 3, 48, 48), torch.tensor([2, 7])
+    grads, _ = saliency.class_embedding_gradients(model, images, target)
+    saved = {}
+
+    def leaf(pattern, hook):
+        saved["pattern"] = pattern.detach().requires_grad_(True)
+        return saved["pattern"]
+
+    with model.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", leaf),
+                                ("blocks.0.hook_attn_out", lambda x, hook: saved.update(out=x))]):
+        model(images)
+    logit = model.unembed(saved["out"])[torch.arange(2), :, target].sum()
+    (expected,) = torch.autograd.grad(logit, saved["pattern"])
+    torch.testing.assert_close(grads[:, 0], expected)
+
+
+def test_cls_measures_refuse_a_model_without_class_token():
+    with pytest.raises(ValueError, match="no class token"):
+        saliency.importance(_one_layer(class_token=False), torch.randn(1, 3, 16, 16), torch.tensor([0]))
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    model = vitlens.load_model("tiny-scenes")
+    data = Rows(load_dataset("scenes", model=model, mask_resize="area"), range(0, 500, 10))
+    items = [data[i] for i in range(len(data))]
+    return (model, torch.stack([i["image"] for i in items]), torch.tensor([i["label"] for i in items]),
+            torch.stack([i["token_mask"] for i in items]))
+
+
+def _plain_accuracy(model, images, labels, scores, n, order):
+    """Keep CLS and the n best (or worst) patches of each image, one image at a time."""
+    correct = 0
+    for image, label, score in zip(images, labels, scores.flatten(1)):
+        ranked = score.argsort(descending=order == "negative", stable=True)
+        if order == "positive":  # ascending with ties: the earlier patch first, as for the negative order
+            ranked = (-score).argsort(descending=True, stable=True)
+        keep = torch.cat([torch.tensor([0]), ranked[:n].sort().values + 1])
+        with torch.no_grad():
+            logits = model.run_with_hooks(image[None], fwd_hooks=[("hook_full_embed", lambda x, hook: x[:, keep])])
+        correct += int(logits.argmax() == label)
+    return correct / len(images)
+
+
+@pytest.mark.parametrize("order", ["negative", "positive"])
+def test_token_removal_curve_equals_a_plain_loop(scenes, order):
+    model, images, labels, _ = scenes
+    images, labels = images[:6], labels[:6]
+    scores = torch.randn(6, 6, 6, generator=torch.Generator().manual_seed(0))
+    curve = saliency.token_removal_curve(model, images, labels, scores, order=order, n_keep=[1, 4, 20, 36],
+                                         batch_size=10)
+    expected = [_plain_accuracy(model, images, labels, scores, n, order) for n in (1, 4, 20, 36)]
+    torch.testing.assert_close(curve, torch.tensor(expected))
+
+
+def test_the_oracle_ordering_beats_random_on_the_scenes(scenes):
+    model, images, labels, masks = scenes
+    oracle = saliency.token_removal_curve(model, images, labels, saliency.oracle_scores(masks))
+    worst = saliency.token_removal_curve(model, images, labels, saliency.oracle_scores(masks), order="positive")
+    random = saliency.random_curve(model, images, labels, n_perms=3)
+    assert len(oracle) == 35  # n = 1 .. 35 of 36 patches
+    assert saliency.auc_study(oracle) > saliency.auc_study(random) + 0.05
+    assert saliency.auc(oracle) > saliency.auc(random) > saliency.auc(worst)
+
+
+def test_aucs_on_a_known_curve():
+    curve = torch.tensor([0.5, 1.0, 0.5])
+    assert saliency.auc_study(curve) == pytest.approx(2.0 / (1.0 * 4))  # sum / (max * N), N = len + 1
+    assert saliency.auc_study(curve, n_patches=49) == pytest.approx(2.0 / 49)
+    # trapezoid over the fraction kept (1/4, 2/4, 3/4): 0.25 * (0.75 + 0.75), divided by the span 0.5
+    assert saliency.auc(curve) == pytest.approx(0.75)
+
+
+def test_probe_scores_put_the_lowest_rank_sum_first():
+    model = vitlens.load_model("tiny-scenes")
+    ranks = torch.zeros(4, 1, 37, dtype=torch.long)
+    ranks[:, 0, 1:] = torch.arange(36).flip(0)  # the last patch has rank 0 in every layer
+    scores = saliency.probe_scores(ranks, model)
+    assert scores.shape == (1, 6, 6)
+    assert scores.flatten().argmax() == 35 and scores.flatten().argmin() == 0
+
+
+def test_bad_orders_and_scores_are_named(scenes):
+    model, images, labels, _ = scenes
+    with pytest.raises(ValueError, match="order"):
+        saliency.token_removal_curve(model, images[:1], labels[:1], torch.zeros(1, 36), order="up")
+    with pytest.raises(ValueError, match="36 patches"):
+        saliency.token_removal_curve(model, images[:1], labels[:1], torch.zeros(1, 30))
