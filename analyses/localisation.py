@@ -258,3 +258,29 @@ def oracle_maps(masks: torch.Tensor) -> torch.Tensor:
     """The best possible map [batch H W]: the object mask itself (ignore pixels 0)."""
     masks = masks.float()
     return torch.where(masks.isnan() | (masks < 0), torch.zeros_like(masks), masks)
+
+
+def pixel_masks(dataset, indices) -> torch.Tensor:
+    """The class masks of dataset items at the model input's resolution, [n H W]: 1 object, 0 background, NaN
+    ignore. They follow the image's resize and crop (the dataset's data config), sampled as cv2 INTER_NEAREST.
+
+    A dataset without masks (no ``mask_path`` column, or a sample without a mask file) is an error.
+    """
+    from vitlens.data.masks import IGNORE_ID, decode_segmentation, input_box, token_mask
+
+    samples = getattr(dataset, "samples", None)
+    if samples is None or "mask_path" not in samples.columns:
+        raise ValueError("the dataset has no segmentation masks (no mask_path column); localisation needs "
+                         "ImageNet-S (validation split) or the bundled scenes")
+    config = getattr(dataset, "data_config", None)
+    size = tuple(config["input_size"][-2:])
+    out = []
+    for i in indices:
+        row = samples.iloc[int(i)]
+        if not isinstance(row["mask_path"], str):
+            raise ValueError(f"sample {row['sample_id']} has no segmentation mask; use the validation split")
+        ids = decode_segmentation(row["mask_path"])
+        box = input_box(ids.shape, config)
+        mask = token_mask(ids, int(row["seg_id"]), size, box, "nearest")
+        out.append(mask.masked_fill(token_mask(ids, IGNORE_ID, size, box, "nearest") > 0, float("nan")))
+    return torch.stack(out)

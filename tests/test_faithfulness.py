@@ -1,0 +1,144 @@
+"""Faithfulness curves: batched curves equal a plain per-step loop, Quantus PixelFlipping agreement, the oracle
+map beats the random map on the bundled scenes, bad input."""
+import numpy as np
+import pytest
+import torch
+
+from analyses import faithfulness as fa
+from analyses import localisation as lo
+from tests.helpers.tiny import tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_model().eval()
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 3, 32, 32, generator=generator)
+    maps = torch.rand(3, 4, 4, generator=generator)
+    return model, images, maps, torch.tensor([1, 4, 7])
+
+
+def plain_curve(model, images, maps, target, steps, insert, baseline):
+    """One forward per image and step, written out: patches of 8 px, most relevant first."""
+    curves = []
+    for x, m, t in zip(images, maps, target):
+        order = sorted(range(16), key=lambda i: -float(m.flatten()[i]))
+        points = []
+        for k in range(steps + 1):
+            count = round(k * 16 / steps)
+            chosen = order[:count]
+            out = x.clone() if not insert else torch.full_like(x, baseline)
+            for i in range(16):
+                r, c = divmod(i, 4)
+                patch = (slice(None), slice(8 * r, 8 * r + 8), slice(8 * c, 8 * c + 8))
+                if insert and i in chosen:
+                    out[patch] = x[patch]
+                if not insert and i in chosen:
+                    out[patch] = baseline
+            with torch.no_grad():
+                points.append(model(out[None]).softmax(-1)[0, t].item())
+        curves.append(points)
+    return torch.tensor(curves)
+
+
+@pytest.mark.parametrize("insert", [False, True])
+def test_batched_curves_equal_a_per_step_loop(tiny, insert):
+    model, images, maps, target = tiny
+    fn = fa.insertion if insert else fa.deletion
+    curves, area = fn(model, images, maps, target, steps=8, baseline=0.5, batch_size=5)
+    expected = plain_curve(model, images, maps, target, 8, insert, 0.5)
+    torch.testing.assert_close(curves, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(area, torch.from_numpy(np.trapezoid(expected.numpy(), dx=1 / 8, axis=-1)).float())
+    both = fa.deletion_insertion(model, images, maps, target, steps=8, baseline=0.5)
+    torch.testing.assert_close(both["insertion" if insert else "deletion"].curves, curves, atol=1e-6, rtol=0)
+
+
+def test_pixel_flipping_agrees_with_quantus(tiny):
+    quantus = pytest.importorskip("quantus")
+    model, images, _, target = tiny
+    maps = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(5))
+    steps = 16
+    ours = fa.deletion(model, images, maps, target, steps=steps, level="pixel", baseline="zero")
+    # Quantus wants features_in_step to divide H * W but flips channel values (the map broadcast over the 3
+    # channels): 64 of them a step, so every third of its steps ends on whole pixels, 64 more of them each time
+    metric = quantus.PixelFlipping(features_in_step=32 * 32 // steps, perturb_baseline=0.0, normalise=False,
+                                   disable_warnings=True)
+    theirs = np.asarray(metric(model=model, x_batch=images.numpy(), y_batch=target.numpy(),
+                               a_batch=maps[:, None].numpy(), device="cpu", softmax=True))[:, 2::3]
+    assert theirs.shape == (3, steps)
+    np.testing.assert_allclose(ours.curves[:, 1:].numpy(), theirs, atol=1e-6)
+    # its AUC (utils.calculate_auc: np.trapz, gone in numpy 2) is unit-spaced trapezoid = compat=True
+    np.testing.assert_allclose(fa.auc(ours.curves[:, 1:], compat=True).numpy(), np.trapezoid(theirs, dx=1, axis=-1),
+                               atol=1e-5)
+
+
+def test_endpoints_lerf_aopc_and_outputs(tiny):
+    model, images, maps, target = tiny
+    with torch.no_grad():
+        logits = model(images)
+        zero = model(torch.zeros_like(images))
+    deleted = fa.deletion(model, images, maps, target, steps=4, output="logit")
+    torch.testing.assert_close(deleted.curves[:, 0], logits[torch.arange(3), target])
+    torch.testing.assert_close(deleted.curves[:, -1], zero[torch.arange(3), target])
+    ce = fa.deletion(model, images, maps, target, steps=4, output="cross_entropy").curves
+    p = fa.deletion(model, images, maps, target, steps=4).curves
+    torch.testing.assert_close(ce, -p.log())
+    lerf = fa.deletion(model, images, maps, target, steps=16, order="lerf").curves
+    morf_of_negated = fa.deletion(model, images, -maps, target, steps=16).curves
+    torch.testing.assert_close(lerf, morf_of_negated)
+    drops = fa.aopc(model, images, maps, target, regions=5, baseline="zero")
+    torch.testing.assert_close(drops.curves, p[:, :1] - fa.deletion(model, images, maps, target, steps=16).curves[:, :6])
+    torch.testing.assert_close(drops.auc, drops.curves.mean(-1))
+
+
+def test_noisy_linear_imputation_solves_the_neighbour_equations():
+    images = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(2)).double()
+    removed = torch.zeros(2, 6, 6, dtype=torch.bool)
+    removed[0, 2:4, 1:4] = True
+    removed[1, 0, 0] = True
+    out = fa.noisy_linear_imputation(images, removed, noise=0.0)
+    assert torch.equal(out[~removed[:, None].expand_as(out)], images[~removed[:, None].expand_as(out)])
+    for b, i, j in removed.nonzero().tolist():  # each imputed pixel is the weighted mean of its neighbours
+        total, weight = 0, 0
+        for di in (-1, 0, 1):
+            for dj in (-1, 0, 1):
+                if (di or dj) and 0 <= i + di < 6 and 0 <= j + dj < 6:
+                    w = 1 / 6 if di == 0 or dj == 0 else 1 / 12
+                    total, weight = total + w * out[b, :, i + di, j + dj], weight + w
+        torch.testing.assert_close(out[b, :, i, j], total / weight)
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    import vitlens
+    from vitlens.data import load_dataset
+
+    model = vitlens.load_model("tiny-scenes")
+    data = load_dataset("scenes", model=model, mask_resize="area")
+    items = [data[i] for i in range(0, len(data), len(data) // 24)][:24]
+    return (model, torch.stack([i["image"] for i in items]), torch.stack([i["token_mask"] for i in items]),
+            torch.tensor([i["label"] for i in items]))
+
+
+def test_oracle_beats_random_on_scenes(scenes):
+    model, images, masks, labels = scenes
+    oracle = fa.deletion_insertion(model, images, masks, labels)
+    chance = fa.deletion_insertion(model, images, lo.random_maps(masks.shape), labels)
+    assert oracle["deletion"].auc.mean() < chance["deletion"].auc.mean() - 0.1
+    assert oracle["insertion"].auc.mean() > chance["insertion"].auc.mean() + 0.1
+    assert fa.aopc(model, images, masks, labels).auc.mean() > fa.aopc(model, images, lo.random_maps(masks.shape),
+                                                                    labels).auc.mean()
+
+
+def test_bad_input(tiny):
+    model, images, maps, target = tiny
+    with pytest.raises(ValueError, match="token grid \\(4, 4\\)"):
+        fa.deletion(model, images, torch.rand(3, 5, 5), target)
+    with pytest.raises(ValueError, match="baseline"):
+        fa.deletion(model, images, maps, target, baseline="grey")
+    with pytest.raises(ValueError, match="order"):
+        fa.insertion(model, images, maps, target, order="best")
+    with pytest.raises(ValueError, match="output"):
+        fa.deletion(model, images, maps, target, output="loss")
+    with pytest.raises(ValueError, match="steps"):
+        fa.deletion(model, images, maps, target, steps=0)
