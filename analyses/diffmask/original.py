@@ -80,29 +80,32 @@ def read_original(path_or_state_dict) -> tuple[dict[str, torch.Tensor], dict[str
 def hf_vit_to_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """An HF ``ViTForImageClassification`` (or ``ViTModel``) state dict -> timm ``VisionTransformer`` keys.
 
-    q, k and v are concatenated into timm's fused ``qkv``; the pooler and mask token, which timm's ViT lacks, are
-    refused. Build the timm model with ``norm_layer=partial(nn.LayerNorm, eps=HF_LAYER_NORM_EPS)``,
+    Key names of transformers 4 (``encoder.layer.{i}.attention.attention.query``) and 5
+    (``layers.{i}.attention.q_proj``) are both read. q, k and v are concatenated into timm's fused ``qkv``; the
+    pooler and mask token, which timm's ViT lacks, are refused. Build the timm model with ``norm_layer=partial(nn.LayerNorm, eps=HF_LAYER_NORM_EPS)``,
     ``class_token=True``, ``global_pool="token"`` and the HF sizes for identical logits.
     """
+    layer = r"(?:vit\.)?(?:encoder\.layer|layers)\.(?P<i>\d+)\."  # transformers <= 4 and >= 5
     names = {
-        r"(vit\.)?embeddings\.cls_token": "cls_token",
-        r"(vit\.)?embeddings\.position_embeddings": "pos_embed",
-        r"(vit\.)?embeddings\.patch_embeddings\.projection\.(weight|bias)": r"patch_embed.proj.\2",
-        r"(vit\.)?encoder\.layer\.(\d+)\.layernorm_before\.(weight|bias)": r"blocks.\2.norm1.\3",
-        r"(vit\.)?encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)": r"blocks.\2.attn.proj.\3",
-        r"(vit\.)?encoder\.layer\.(\d+)\.layernorm_after\.(weight|bias)": r"blocks.\2.norm2.\3",
-        r"(vit\.)?encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)": r"blocks.\2.mlp.fc1.\3",
-        r"(vit\.)?encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)": r"blocks.\2.mlp.fc2.\3",
-        r"(vit\.)?layernorm\.(weight|bias)": r"norm.\2",
-        r"classifier\.(weight|bias)": r"head.\1",
+        r"(?:vit\.)?embeddings\.cls_token": "cls_token",
+        r"(?:vit\.)?embeddings\.position_embeddings": "pos_embed",
+        r"(?:vit\.)?embeddings\.patch_embeddings\.projection\.(?P<p>weight|bias)": r"patch_embed.proj.\g<p>",
+        layer + r"layernorm_before\.(?P<p>weight|bias)": r"blocks.\g<i>.norm1.\g<p>",
+        layer + r"attention\.(?:output\.dense|o_proj)\.(?P<p>weight|bias)": r"blocks.\g<i>.attn.proj.\g<p>",
+        layer + r"layernorm_after\.(?P<p>weight|bias)": r"blocks.\g<i>.norm2.\g<p>",
+        layer + r"(?:intermediate\.dense|mlp\.fc1)\.(?P<p>weight|bias)": r"blocks.\g<i>.mlp.fc1.\g<p>",
+        layer + r"(?:output\.dense|mlp\.fc2)\.(?P<p>weight|bias)": r"blocks.\g<i>.mlp.fc2.\g<p>",
+        r"(?:vit\.)?layernorm\.(?P<p>weight|bias)": r"norm.\g<p>",
+        r"classifier\.(?P<p>weight|bias)": r"head.\g<p>",
     }
-    qkv = re.compile(r"(vit\.)?encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)")
+    qkv = re.compile(layer + r"attention\.(?:attention\.(?P<n>query|key|value)|(?P<s>[qkv])_proj)\.(?P<p>weight|bias)")
+    short = {"q": "query", "k": "key", "v": "value"}
     out: dict[str, torch.Tensor] = {}
     parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     unknown = []
     for key, value in state_dict.items():
         if match := qkv.fullmatch(key):
-            parts.setdefault((match[2], match[4]), {})[match[3]] = value
+            parts.setdefault((match["i"], match["p"]), {})[match["n"] or short[match["s"]]] = value
             continue
         for pattern, target in names.items():
             if re.fullmatch(pattern, key):

@@ -197,34 +197,6 @@ def _checkpoint(out: Path, diffmask: DiffMask, trainer: Trainer, step: int, rows
     (out / f"{STATE_FILE}.tmp").replace(out / STATE_FILE)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``vitlens train-diffmask`` options (defaults: the original's CLI)."""
-    parser.add_argument("--model", required=True, help="model name for vitlens.load_model (e.g. tiny-scenes)")
-    parser.add_argument("--data", required=True, help="'scenes', an ImageNet-S root or a labelled image folder")
-    parser.add_argument("--out", required=True, help="directory for diffmask.safetensors, train_state.pt, log.csv")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many batches")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--split", default="validation", help="dataset split (ImageNet-S)")
-    parser.add_argument("--n-per-class", type=int, default=None, help="use only the first N images of each class")
-    parser.add_argument("--alpha", type=float, default=20.0, help="initial Lagrange multiplier")
-    parser.add_argument("--lr", type=float, default=2e-5, help="gate learning rate")
-    parser.add_argument("--lr-placeholder", type=float, default=1e-3)
-    parser.add_argument("--lr-alpha", type=float, default=0.3)
-    parser.add_argument("--eps", type=float, default=0.1, help="KL tolerance")
-    parser.add_argument("--warmup", type=int, default=1200, help="gate learning-rate warm-up steps")
-    parser.add_argument("--mul-activation", type=float, default=15.0)
-    parser.add_argument("--add-activation", type=float, default=8.0)
-    parser.add_argument("--no-placeholder", action="store_true", help="mask with zeros instead of a learned vector")
-    parser.add_argument("--weighted-layers", action="store_true", help="draw well-trained layers less often")
-    parser.add_argument("--compat", action="store_true", help="the original's alpha update (gradient descent)")
-    parser.add_argument("--seed", type=int, default=123)
-    parser.add_argument("--checkpoint-every", type=int, default=200, help="batches between checkpoints")
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
 def main(args: argparse.Namespace) -> None:
     """``vitlens train-diffmask``: train (or resume) gates for --model on --data into --out."""
     from vitlens.data import load_dataset
