@@ -53,45 +53,6 @@ registry.command("analyze", "context-perturbation", "identifiability with the co
                              "dropped after the position embedding, from the dataset's token masks; record under "
                              "STORE/perturbation/ (resumable) and write STORE/results/context_perturbation.csv.")
 
-# --- memories, probing, saliency (analyses/memories.py, probing.py, saliency.py) ---------------------------
-
-
-def _probes_arguments(parser) -> None:
-    _study_arguments(parser)
-    parser.add_argument("--hook", default="hook_resid_post", choices=("hook_resid_post", "hook_attn_out", "hook_mlp_out"),
-                        help="what is probed at every layer (default the residual stream)")
-    parser.add_argument("--train-data", default=None, help="the probes' training set (default: the first "
-                                                           "--train-per-class images of each class of --data)")
-    parser.add_argument("--train-per-class", type=int, default=10, help="training images per class (default 10, "
-                                                                        "the study's 10-shot)")
-
-
-def _saliency_arguments(parser) -> None:
-    _study_arguments(parser)
-    parser.add_argument("--methods", default="class_embedding,linear_probe,random,oracle",
-                        help="token orderings (default class_embedding,linear_probe,random,oracle)")
-    parser.add_argument("--train-per-class", type=int, default=10, help="images per class that train the "
-                                                                        "linear-probe ordering (not perturbed)")
-    parser.add_argument("--n-perms", type=int, default=10, help="random orderings averaged (default 10)")
-
-
-registry.command("analyze", "memories", "key-value memories of attention and MLP layers in class space",
-                 "analyses.memories:cli", _study_arguments,
-                 description="Record each token's top-5 attention and MLP memories and the sub-layers' top-5 "
-                             "classes into STORE (resumable), then write the per-layer class-value cosines, "
-                             "key-value agreement and composition rates to STORE/results/memories.csv.")
-registry.command("analyze", "probes", "linear probes for every layer and token position",
-                 "analyses.probing:cli", _probes_arguments,
-                 description="Record the probed hook of every layer for the training and test images into "
-                             "STORE/probe-train and STORE/probe-test (resumable), fit a ridge probe per layer and "
-                             "token (batched) and write STORE/results/probes.csv (accuracy, mean rank).")
-registry.command("analyze", "saliency", "token-removal curves of class-embedding saliency and other orderings",
-                 "analyses.saliency:cli", _saliency_arguments,
-                 description="Keep the top-n patch tokens of each ordering (class-embedding gradients, linear "
-                             "probes, random, the true object tokens) and measure accuracy for every n; finished "
-                             "curves are kept under STORE/results/curves/; writes the AUC table to "
-                             "STORE/results/perturbation_auc.csv and the curves to token_removal_curves.csv.")
-
 # --- report sections (analyses/sections.py) ----------------------------------------------------------------
 registry.section("tokens", "Class identity of every token, layer by layer", "analyses.sections:token_views",
                  requires=("class_rank",), command="vitlens analyze identifiability", order=20)
@@ -126,6 +87,44 @@ registry.command("", "evaluate", "score every explanation map of a store: faithf
                              "against the dataset's masks. Resumable; writes STORE/results/evaluate.csv (per "
                              "image) and evaluate_summary.csv (means with bootstrap 95% intervals, by class and "
                              "mask size) and prints the method x metric table.")
+
+# --- diffmask (analyses/diffmask/) -------------------------------------------------------------------------
+
+
+def _train_diffmask_arguments(parser) -> None:
+    """``vitlens train-diffmask`` options (defaults: the original's CLI)."""
+    parser.add_argument("--model", required=True, help="model name for vitlens.load_model (e.g. tiny-scenes)")
+    parser.add_argument("--data", required=True, help="'scenes', an ImageNet-S root or a labelled image folder")
+    parser.add_argument("--out", required=True, help="directory for diffmask.safetensors, train_state.pt, log.csv")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many batches")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--split", default="validation", help="dataset split (ImageNet-S)")
+    parser.add_argument("--n-per-class", type=int, default=None, help="use only the first N images of each class")
+    parser.add_argument("--alpha", type=float, default=20.0, help="initial Lagrange multiplier")
+    parser.add_argument("--lr", type=float, default=2e-5, help="gate learning rate")
+    parser.add_argument("--lr-placeholder", type=float, default=1e-3)
+    parser.add_argument("--lr-alpha", type=float, default=0.3)
+    parser.add_argument("--eps", type=float, default=0.1, help="KL tolerance")
+    parser.add_argument("--warmup", type=int, default=1200, help="gate learning-rate warm-up steps")
+    parser.add_argument("--mul-activation", type=float, default=15.0)
+    parser.add_argument("--add-activation", type=float, default=8.0)
+    parser.add_argument("--no-placeholder", action="store_true", help="mask with zeros instead of a learned vector")
+    parser.add_argument("--weighted-layers", action="store_true", help="draw well-trained layers less often")
+    parser.add_argument("--compat", action="store_true", help="the original's alpha update (gradient descent)")
+    parser.add_argument("--seed", type=int, default=123)
+    parser.add_argument("--checkpoint-every", type=int, default=200, help="batches between checkpoints")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+registry.command("", "train-diffmask", "train Vision DiffMask gates for a model on a dataset (resumable)",
+                 "analyses.diffmask.train:main", _train_diffmask_arguments,
+                 description="Train Vision DiffMask gates (Lookahead-Adam, per-layer Lagrange multipliers) for "
+                             "--model on --data, writing OUT/diffmask.safetensors, OUT/train_state.pt and "
+                             "OUT/log.csv; running it again resumes. Use the gates with "
+                             "`vitlens explain --methods diffmask --gates OUT/diffmask.safetensors`.")
 
 # --- diffmask (analyses/diffmask/) -------------------------------------------------------------------------
 
