@@ -1,5 +1,6 @@
 """HookedViT against the timm model it wraps, on tiny random configs of every supported family."""
 import pytest
+import torch.nn.functional as F
 import torch
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import ResPostBlock, VisionTransformer
@@ -377,3 +378,72 @@ def test_zero_bias_placeholders_keep_the_weight_dtype():
     vit.head.register_parameter("bias", None)
     model = HookedViT.from_timm(vit)
     assert model.blocks[0].attn.b_O.dtype == model.b_U.dtype == model.accumulated_bias(1).dtype == torch.bfloat16
+
+
+@torch.no_grad()
+def test_hooking_only_attention_scores_turns_fused_attention_off():
+    model = HookedViT.from_timm(build("cls"))
+    seen = {}
+    _, cache = model.run_with_cache(images(), names_filter=["blocks.1.attn.hook_q", "blocks.1.attn.hook_k"])
+    model.run_with_hooks(images(), fwd_hooks=[("blocks.1.attn.hook_attn_scores",
+                                               lambda t, hook: seen.setdefault("scores", t.clone()))])
+    expected = torch.einsum("bqhd,bkhd->bhqk", cache["q", 1], cache["k", 1]) / model.cfg.d_head ** 0.5
+    torch.testing.assert_close(seen["scores"], expected, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_unembed_uses_fc_norm_on_average_pool_models():
+    model = HookedViT.from_timm(build("avg_fc_norm"))
+    logits, cache = model.run_with_cache(images())
+    fc_norm, head = model.vit.fc_norm, model.vit.head
+    pooled = cache["resid_post", 1][:, model.layout.n_prefix:].mean(1)  # avg pool of the patch tokens
+    torch.testing.assert_close(model.unembed(pooled), logits, atol=1e-5, rtol=0)
+    token = cache["resid_post", 1][:, 3]
+    by_hand = F.layer_norm(token, (32,), fc_norm.weight, fc_norm.bias, fc_norm.eps) @ head.weight.T + head.bias
+    torch.testing.assert_close(model.unembed(token), by_hand, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_dynamic_size_replay_with_hooks_at_a_non_square_size():
+    vit = build("dynamic_size")
+    model = HookedViT.from_timm(vit)
+    x = torch.randn(2, 3, 48, 24)  # a 6x3 grid
+    observe = [(lambda n: "attn.hook_" not in n, lambda t, hook: None)]
+    assert torch.equal(model.run_with_hooks(x, fwd_hooks=observe), vit(x))
+    _, cache = model.run_with_cache(x, names_filter="blocks.1.hook_resid_post")
+    inter = vit.forward_intermediates(x, indices=[1], norm=False, output_fmt="NLC", intermediates_only=True)[0]
+    assert torch.equal(cache["resid_post", 1][:, 1:], inter)
+    layout = model.layout_for(x)
+    assert layout.grid == (6, 3) and layout.patch_position(1 + 5) == (1, 2) and layout.describe(1 + 17) == "patch(5,2)"
+    with pytest.raises(ValueError, match="not a patch token"):
+        layout.patch_position(1 + 18)
+
+
+def test_accumulated_bias_with_mlp_input_includes_that_layers_attention_bias():
+    model = HookedViT.from_timm(build("layerscale"))
+    b = [(blk.attn.b_O, blk.mlp.b_out) for blk in model.blocks]
+    torch.testing.assert_close(model.accumulated_bias(1, mlp_input=True), b[0][0] + b[0][1] + b[1][0], atol=1e-6,
+                               rtol=0)
+    torch.testing.assert_close(model.accumulated_bias(1, include_mlp_biases=False), b[0][0], atol=0, rtol=0)
+
+
+def test_backward_hook_gradient_has_the_right_value():
+    """d logit / d pattern from the bwd hook equals the gradient computed by hand from v and W_O."""
+    model = HookedViT.from_timm(build("cls"))
+    x = images()
+    grads = {}
+    name = "blocks.1.attn.hook_pattern"
+    with model.hooks(bwd_hooks=[(name, lambda grad, hook: grads.setdefault("pattern", grad.clone()))]):
+        _, cache = model.run_with_cache(x, names_filter=["blocks.1.attn.hook_v", "blocks.1.hook_resid_pre"])
+        model(x)[:, 3].sum().backward()
+    # Block 1 is the last: logit = head(norm(resid_post[:, 0])), and resid_post depends on the pattern through
+    # attn_out = sum_k pattern[q, k] v[k] @ W_O plus the MLP, which reads resid_mid. Differentiate that by hand.
+    pattern = model.run_with_cache(x, names_filter=name)[1][name].clone().requires_grad_(True)
+    vit, blk = model.vit, model.vit.blocks[1]
+    z = torch.einsum("bhqk,bkhd->bqhd", pattern, cache["v", 1])
+    attn_out = torch.einsum("bqhd,hdm->bqm", z, model.blocks[1].attn.W_O) + model.blocks[1].attn.b_O
+    resid_mid = cache["resid_pre", 1] + attn_out
+    resid_post = resid_mid + blk.mlp(blk.norm2(resid_mid))
+    vit.head(vit.norm(resid_post[:, 0]))[:, 3].sum().backward()
+    torch.testing.assert_close(grads["pattern"], pattern.grad, atol=1e-5, rtol=0)
+    assert pattern.grad.abs().sum() > 0

@@ -6,6 +6,7 @@ from helpers.tiny import SyntheticImages, tiny_model
 from timm.models.vision_transformer import VisionTransformer
 
 import vitlens
+import vitlens.patching
 from vitlens.patching import Patch, patch_hooks, patch_sweep, patch_value, run_patched, token_table
 from vitlens.store import StoreMismatchError
 
@@ -162,3 +163,55 @@ def test_images_on_another_token_grid_are_refused(store):
                     tokens="cls")
     patched = run_patched(dynamic, large, store, [Patch("hook_logits", DONOR)])  # no token axis: any grid
     np.testing.assert_array_equal(patched.numpy(), store["hook_logits"][DONOR:DONOR + 1])
+
+
+def test_mean_source_spans_several_read_chunks(store, monkeypatch):
+    import vitlens.patching as patching
+
+    monkeypatch.setattr(patching, "MEAN_CHUNK", 5)  # 12 samples: chunks of 5, 5 and 2
+    resid = store["blocks.0.hook_resid_post"][:]
+    np.testing.assert_allclose(patch_value(store, "blocks.0.hook_resid_post", "mean").numpy(), resid.mean(0),
+                               rtol=1e-5, atol=1e-6)
+    picked = [0, 2, 3, 5, 7, 8, 11]
+    np.testing.assert_allclose(patch_value(store, "blocks.0.hook_resid_post", picked).numpy(), resid[picked].mean(0),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_patching_attention_patterns_at_query_tokens(model, dataset, tmp_path):
+    name = "blocks.0.attn.hook_pattern"  # recorded at the CLS query only: [head 1 key]
+    store = vitlens.record(model, SyntheticImages(8), tmp_path / "patterns", hooks={name: "cls"}, dtype="float32",
+                           batch_size=1, progress=False)
+    with torch.inference_mode(), model.hooks(fwd_hooks=patch_hooks(store, [Patch(name, DONOR, tokens=[0])])):
+        _, cache = model.run_with_cache(image(dataset, TARGET), names_filter=[name])
+    with torch.inference_mode():
+        _, own = model.run_with_cache(image(dataset, TARGET), names_filter=[name])
+    patched = cache[name][0].numpy()  # [head query key]
+    np.testing.assert_array_equal(patched[:, 0], store[name][DONOR][:, 0])
+    np.testing.assert_array_equal(patched[:, 1:], own[name][0, :, 1:].numpy())
+
+
+def test_patching_from_an_in_memory_cache_and_single_heads(model, dataset):
+    donor, target = image(dataset, DONOR), image(dataset, TARGET)
+    with torch.inference_mode():
+        donor_logits, clean = model.run_with_cache(donor)
+        patched = run_patched(model, target, clean, [Patch("blocks.1.hook_resid_post", 0)])
+        assert torch.equal(patched, donor_logits)
+        z = "blocks.1.attn.hook_z"
+        with model.hooks(fwd_hooks=patch_hooks(vitlens.patching.CacheSource(clean, model),
+                                               [Patch(z, 0, tokens=[0, 4], head=1)])):
+            _, cache = model.run_with_cache(target, names_filter=[z])
+        _, own = model.run_with_cache(target, names_filter=[z])
+    expected = own[z].clone()
+    expected[:, [0, 4], 1] = clean[z][:, [0, 4], 1]
+    assert torch.equal(cache[z], expected)
+    df = patch_sweep(model, target, clean, "blocks.0.attn.hook_z", 0, lambda logits: logits[:, 2], tokens=[0, 7],
+                     head=0)
+    single = run_patched(model, target, clean, [Patch("blocks.0.attn.hook_z", 0, tokens=[7], head=0)])
+    assert df.metric.tolist()[1] == pytest.approx(single[0, 2].item(), rel=1e-5)
+
+
+def test_sweep_metric_of_the_wrong_shape_is_refused(model, store, dataset):
+    images = dataset.images[[TARGET, 9]]
+    for bad in (lambda logits: logits, lambda logits: logits[:, [3]]):
+        with pytest.raises(ValueError, match=r"metric returned shape .* one value per image \(\[2\]\)"):
+            patch_sweep(model, images, store, "blocks.0.hook_resid_post", DONOR, bad, tokens="cls")
