@@ -21,7 +21,7 @@ from vitlens import ActivationStore, HookedViT, UnknownHookError
 from vitlens.cli import main
 from analyses.class_embedding import ClassRankReducer
 from vitlens.recorder import _Capture
-from vitlens.store import ShardWriter
+from vitlens.shards import ShardWriter
 
 TESTS = Path(__file__).parent
 BATCH, SHARD = 4, 8
@@ -98,10 +98,10 @@ def fail_on_shard(shard: int):
     """A `ShardWriter.write` that finds the disk full on the second batch of shard `shard`."""
     write = ShardWriter.write
 
-    def write_or_fill_up(self, offset, arrays):
+    def write_or_fill_up(self, offset, arrays, skipped=()):
         if self.shard == shard and offset > 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        write(self, offset, arrays)
+        write(self, offset, arrays, skipped)
 
     return write_or_fill_up
 
@@ -169,14 +169,14 @@ def test_read_only_directory_fails_before_compute_and_stays_readable(tmp_path, r
     half = record_tiny(path, dataset, batch_size=BATCH, shard_size=SHARD, rank=0, world_size=2)
     expected = half["hook_logits"][0:8]
     half.close()
-    (path / "index.h5").unlink()
+    (path / "index.json").unlink()
     monkeypatch.setattr(_Capture, "run", lambda *a: pytest.fail("computed before checking the directory"))
     with read_only(path):
         with pytest.raises(PermissionError, match=f"cannot write to {path}.*nothing was computed"):
             record_tiny(path, dataset, batch_size=BATCH, shard_size=SHARD)
         with ActivationStore(path) as store:  # the index is rebuilt in memory
             np.testing.assert_array_equal(store["hook_logits"][0:8], expected)
-    assert not (path / "index.h5").exists()
+    assert not (path / "index.json").exists()
     with read_only(tmp_path):
         with pytest.raises(PermissionError, match="nothing was computed"):
             record_tiny(tmp_path / "new", dataset, batch_size=BATCH, shard_size=SHARD)

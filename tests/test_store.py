@@ -119,11 +119,11 @@ def test_partial_store_raises_for_missing_samples(tmp_path, dataset):
 
 
 def test_index_rebuilds_from_shards_and_metadata(store_copy, recorded, capsys):
-    (store_copy / "index.h5").unlink()
+    (store_copy / "index.json").unlink()
     assert main(["store", "rebuild", str(store_copy)]) == 0
     assert "40 of 40 samples in 5 shards" in capsys.readouterr().out
     assert_same_store(store_copy, recorded)
-    (store_copy / "index.h5").write_bytes(b"garbage")  # a damaged index is rebuilt on open
+    (store_copy / "index.json").write_bytes(b"garbage")  # a damaged index is rebuilt on open
     assert_same_store(store_copy, recorded)
     assert main(["store", "info", str(store_copy)]) == 0
     assert "blocks.0.attn.hook_pattern" in capsys.readouterr().out

@@ -1,46 +1,60 @@
-"""ActivationStore: a crash-safe, sharded HDF5 cache of ViT activations with lazy reads.
+"""ActivationStore: a crash-safe, sharded HDF5 cache of ViT activations with lazy, fast, verified reads.
 
-A store is a directory (the schema is documented in ``cache/README.md``)::
+A store is a directory (the schema is documented in ``cache/README.md``, printed by ``vitlens store --schema``)::
 
-    store.json               metadata, written once (atomically) when the store is created
+    store.json               metadata, written once (atomically) when the store is created; never changes
     shards/shard_00000.h5    samples [0, shard_size): one dataset per output, [n, *shape]
     shards/shard_00001.h5    ...
-    index.h5                 derived: one HDF5 virtual dataset per output over all shards, plus `done`
+    index.json               derived, written by writers only: the shards already verified, by size and mtime
+    writes.log               what each writer claimed and published (JSON lines)
 
-Shards are written under a temporary name, fsynced and renamed into place, so a killed run never leaves a
-half-written shard; resuming recomputes exactly the shards that are missing. The index holds nothing that
-is not in the shards and ``store.json``: :meth:`ActivationStore.rebuild` recreates it, and opening a store
-rebuilds it whenever the shards on disk changed.
+Writers (:mod:`vitlens.shards`) publish a shard only complete and verified, under a name that never changes
+again. A reader builds its index in memory from ``store.json`` and the shard listing: shards that
+``index.json`` vouches for (same size and mtime) are trusted, every other shard is opened and checked once,
+so opening and refreshing cost O(new shards) file opens; a reader never writes into the store folder. Every
+read stats the shards it touches, so a shard deleted or replaced after the store was opened raises
+:class:`NotRecordedError` (or is checked again) instead of reading stale or missing data. Uncompressed
+outputs are read through a memory map of the shard (the datasets are contiguous), compressed ones through
+h5py. This module imports no torch: readers that only need numpy stay light.
 """
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
+import mmap
 import os
 import re
-import uuid
+import resource
+from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import h5py
 import numpy as np
 import pandas as pd
-import torch
 
 if TYPE_CHECKING:
     from vitlens.hooked import TokenLayout
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 METADATA_FILE = "store.json"
-INDEX_FILE = "index.h5"
+INDEX_FILE = "index.json"
+LOG_FILE = "writes.log"
 SHARD_DIR = "shards"
+CODECS = ("gzip", "lzf")
 _SHARD_NAME = re.compile(r"^shard_(\d+)\.h5$")
+# open shard files kept per store (each holds one descriptor): a quarter of the process's limit
+_MAX_OPEN = max(16, min(4096, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
 
 
 class StoreMismatchError(ValueError):
     """A store was opened or resumed with another model, preprocessing, sample list or output set."""
+
+
+class StoreMetadataError(ValueError):
+    """``store.json`` is unreadable, inconsistent, or was changed after shards were written."""
 
 
 class CorruptShardError(RuntimeError):
@@ -48,12 +62,12 @@ class CorruptShardError(RuntimeError):
 
 
 class NotRecordedError(LookupError):
-    """The requested samples are not in the store yet (their shards have not been written)."""
+    """The requested samples are not in the store (their shards have not been written, or were removed)."""
 
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """One per-sample array of a store: a hook at selected tokens, or a reducer's result.
+    """One per-sample array of a store: a hook at selected tokens, a reducer's or a computation's result.
 
     ``shape`` and ``token_axis`` are per sample (no leading sample axis). ``tokens`` are the token
     indices (in the model's token layout) kept along ``token_axis``; None means all tokens.
@@ -67,35 +81,26 @@ class OutputSpec:
     token_axis: int | None = None
     reducer: dict | None = None
     computation: dict | None = None
+    compression: str | None = None
 
     @classmethod
     def from_dict(cls, name: str, d: Mapping[str, Any]) -> "OutputSpec":
         tokens = d.get("tokens")
         return cls(name=name, shape=tuple(d["shape"]), dtype=d["dtype"], hook=d.get("hook"),
                    tokens=None if tokens is None else tuple(tokens), token_axis=d.get("token_axis"),
-                   reducer=d.get("reducer"), computation=d.get("computation"))
+                   reducer=d.get("reducer"), computation=d.get("computation"), compression=d.get("compression"))
 
     @property
     def sample_bytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
 
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries that produced a store (recorded in its metadata)."""
-    import timm
-
-    import vitlens
-
-    return {"vitlens": vitlens.__version__, "torch": torch.__version__, "timm": timm.__version__,
-            "h5py": h5py.version.version, "hdf5": h5py.version.hdf5_version, "numpy": np.__version__}
-
-
 def as_json(obj: Any) -> Any:
-    """`obj` as plain JSON types (tuples become lists, numpy scalars become Python numbers)."""
+    """`obj` as plain JSON types (tuples become lists, numpy scalars and arrays, tensors become numbers)."""
     def default(o):
         if isinstance(o, np.generic):
             return o.item()
-        if isinstance(o, (np.ndarray, torch.Tensor)):
+        if hasattr(o, "tolist"):  # numpy arrays and torch tensors (no torch import here)
             return o.tolist()
         return str(o)
 
@@ -128,11 +133,10 @@ def _first_difference(a: Any, b: Any, where: str = "") -> tuple[str, Any, Any] |
 
 
 def _short(value: Any) -> str:
-    """A value for an error message: long strings (hashes) and structures are cut short."""
-    if isinstance(value, str) and (value.endswith(" entries") or len(value) > 40):
-        return value if len(value) <= 40 else value[:12] + "…"
-    text = repr(value)
-    return text if len(text) <= 40 else text[:40] + "…"
+    """A value for an error message: hashes are cut to 12 characters; other values are shown whole."""
+    if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{32,}", value):
+        return value[:12] + "…"
+    return value if isinstance(value, str) and value.endswith(" entries") else repr(value)
 
 
 # What must agree between a store and a request to read, resume or extend it: (label, path in store.json).
@@ -161,30 +165,40 @@ def _without_shapes(outputs: Mapping[str, Mapping]) -> dict:
     return {name: {k: v for k, v in spec.items() if k != "shape"} for name, spec in outputs.items()}
 
 
+def _outer(array, key: tuple) -> np.ndarray:
+    """``array[key]`` with outer indexing (as h5py): each index array selects along its own axis.
+
+    `key` holds one int, slice or non-negative int64 array per axis; `array` is a numpy array, a memory
+    map or an h5py dataset. Arrays are read as their bounding range, then taken in numpy.
+    """
+    basic = tuple(slice(int(k.min()), int(k.max()) + 1) if isinstance(k, np.ndarray) and k.size
+                  else slice(0, 0) if isinstance(k, np.ndarray) else k for k in key)
+    out, axis = array[basic], 0
+    for k, b in zip(key, basic):
+        if isinstance(k, np.ndarray):
+            out = np.take(out, k - b.start, axis=axis)
+        axis += not isinstance(k, (int, np.integer))
+    return np.array(out)  # a copy: never a view into a memory map
+
+
 class StoreArray:
     """A lazy ``[n_samples, *shape]`` view of one output of a store.
 
-    Indexing reads only the selected samples and tokens from the shards (through the index's virtual
-    dataset), e.g. ``store["blocks.1.hook_resid_post"][i:j, token_idx]``. Token indices refer to the
-    stored token axis; ``.tokens`` maps it to the model's layout (None when all tokens were kept).
-    Index arrays may be unsorted or repeated; samples that are not recorded raise :class:`NotRecordedError`.
+    Indexing reads only the selected samples and tokens from the shards, e.g.
+    ``store["blocks.1.hook_resid_post"][i:j, token_idx]``. Token indices refer to the stored token axis;
+    ``.tokens`` maps it to the model's layout (None when all tokens were kept). Index arrays may be
+    unsorted, repeated or negative; each array selects along its own axis (outer indexing, as h5py).
+    Samples that are not recorded raise :class:`NotRecordedError`.
     """
 
     def __init__(self, store: "ActivationStore", spec: OutputSpec):
         self.store, self.spec = store, spec
+        self.shape = (len(store), *spec.shape)
+        self.dtype = np.dtype(spec.dtype)
+        self.ndim = len(self.shape)
 
     name = property(lambda self: self.spec.name)
     tokens = property(lambda self: self.spec.tokens)
-    shape = property(lambda self: self._dataset.shape)
-    dtype = property(lambda self: self._dataset.dtype)
-    ndim = property(lambda self: self._dataset.ndim)
-
-    @property
-    def _dataset(self) -> h5py.Dataset:
-        index = self.store._index  # looked up on each use: refresh() reopens the index
-        if index is None:
-            raise ValueError(f"{self.store.path} is closed; open it again with vitlens.ActivationStore(path)")
-        return index[self.name]
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -196,27 +210,45 @@ class StoreArray:
         return f"StoreArray({self.name!r}, shape={self.shape}, dtype={self.dtype})"
 
     def __getitem__(self, key) -> np.ndarray:
-        key = self._normalise(key)
-        self.store.require_done(self._rows(key[0]))
-        h5_key, post = [], []  # h5py takes one index array; further arrays are applied in numpy
-        out_axis = 0
-        for axis, k in enumerate(key):
-            if isinstance(k, np.ndarray):
-                k = np.where(k < 0, k + self.shape[axis], k)
-                if any(isinstance(x, np.ndarray) for x in h5_key):
-                    h5_key.append(slice(None))
-                    post.append((out_axis, k))
-                else:
-                    unique, inverse = np.unique(k, return_inverse=True)
-                    h5_key.append(unique)
-                    post.append((out_axis, inverse))
-            else:
-                h5_key.append(k)
-            out_axis += not isinstance(k, (int, np.integer))
-        result = self._dataset[tuple(h5_key)]
-        for axis, take in post:
-            result = np.take(result, take, axis=axis)
-        return result
+        if isinstance(key, (int, np.integer)) and 0 <= key < self.shape[0]:  # the per-sample fast path
+            rest: tuple = (slice(None),) * (self.ndim - 1)
+            return self._read_rows(np.array([key]), rest, single=int(key))
+        first, *rest = self._normalise(key)
+        if isinstance(first, slice):
+            start, stop, step = first.indices(self.shape[0])
+            if step == 1:
+                return self._read_range(start, max(start, stop), tuple(rest))
+            first = np.arange(start, stop, step)
+        if isinstance(first, (int, np.integer)):
+            return self._read_rows(np.array([first]), tuple(rest), single=int(first))
+        return self._read_rows(first, tuple(rest))
+
+    def _read_range(self, start: int, stop: int, rest: tuple) -> np.ndarray:
+        size = self.store.shard_size
+        shards = range(start // size, -(-stop // size)) if stop > start else range(0)
+        self.store._require(shards, np.arange(start, stop))
+        parts = [_outer(self.store._source(s, self.name), (slice(max(start, s * size) - s * size,
+                                                                 min(stop, (s + 1) * size) - s * size), *rest))
+                 for s in shards]
+        return np.concatenate(parts) if parts else _outer(np.empty((0, *self.shape[1:]), self.dtype),
+                                                          (slice(0, 0), *rest))
+
+    def _read_rows(self, rows: np.ndarray, rest: tuple, single: int | None = None) -> np.ndarray:
+        size = self.store.shard_size
+        if single is not None:
+            shard = single // size
+            self.store._require((shard,), rows)
+            return _outer(self.store._source(shard, self.name), (single - shard * size, *rest))
+        shard_of = rows // size
+        order = np.argsort(shard_of, kind="stable")
+        shards, first = np.unique(shard_of[order], return_index=True)
+        self.store._require(shards.tolist(), rows)
+        bounds = [*first.tolist(), len(rows)]
+        parts = [_outer(self.store._source(int(s), self.name), (rows[order[a:b]] - int(s) * size, *rest))
+                 for s, a, b in zip(shards, bounds, bounds[1:])]
+        if not parts:
+            return _outer(np.empty((0, *self.shape[1:]), self.dtype), (np.empty(0, np.int64), *rest))
+        return np.concatenate(parts)[np.argsort(order, kind="stable")]
 
     def _normalise(self, key) -> tuple:
         key = key if isinstance(key, tuple) else (key,)
@@ -230,7 +262,7 @@ class StoreArray:
 
     @staticmethod
     def _normalise_one(k, n: int):
-        if isinstance(k, torch.Tensor):
+        if hasattr(k, "numpy") and hasattr(k, "cpu"):  # a torch tensor (torch itself is not imported here)
             k = k.cpu().numpy()
         if isinstance(k, (list, range)):
             k = np.asarray(k)
@@ -243,22 +275,53 @@ class StoreArray:
                 raise IndexError(f"index arrays must be integer or boolean, got {k.dtype}")
             if k.size and not -n <= k.min() <= k.max() < n:
                 raise IndexError(f"index array {k.min()}..{k.max()} is out of range for an axis of size {n}")
-            return int(k) if k.ndim == 0 else k.astype(np.int64)
+            k = k.astype(np.int64)
+            return int(k) % n if k.ndim == 0 else np.where(k < 0, k + n, k)
         if isinstance(k, (int, np.integer)):
             if not -n <= k < n:
                 raise IndexError(f"index {k} is out of range for an axis of size {n}")
             return int(k) % n
-        return k
+        if isinstance(k, slice):
+            return k
+        raise IndexError(f"unsupported index {k!r}: use ints, slices, integer or boolean arrays")
 
-    def _rows(self, k) -> np.ndarray:
-        return np.arange(len(self))[k]
+
+class _OpenShard:
+    """A shard file open for reading: contiguous outputs as views of one memory map, others through h5py."""
+
+    def __init__(self, path: Path, outputs: Mapping[str, OutputSpec]):
+        self.h5 = h5py.File(path, "r")
+        self.arrays: dict[str, Any] = {}
+        self.map: mmap.mmap | None = None
+        for name, spec in outputs.items():
+            dataset = self.h5[name]
+            offset = dataset.id.get_offset()
+            if dataset.chunks is None and offset is not None:
+                if self.map is None:
+                    with open(path, "rb") as f:
+                        self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self.arrays[name] = np.frombuffer(self.map, dtype=dataset.dtype, count=dataset.size,
+                                                  offset=offset).reshape(dataset.shape)
+            else:
+                self.arrays[name] = dataset
+        if all(isinstance(a, np.ndarray) for a in self.arrays.values()):
+            self.h5.close()
+
+    def close(self) -> None:
+        self.arrays.clear()  # the numpy views go first, so that the map can close
+        if self.map is not None:
+            try:
+                self.map.close()
+            except BufferError:  # a caller still holds a view: the map closes when it is collected
+                pass
+        self.h5.close()
 
 
 class ActivationStore:
     """A sharded HDF5 activation cache of one model over one dataset; see the module docstring.
 
     Open an existing store with ``ActivationStore(path)`` (pass ``model=`` to check that it was recorded
-    with that model); create one with :func:`vitlens.record`.
+    with that model; ``~`` is expanded); create one with :func:`vitlens.record`.
 
     Example::
 
@@ -266,61 +329,60 @@ class ActivationStore:
         resid = store["blocks.1.hook_resid_post"][0:64, model.tokens("patches")]   # [64, n_patches, d]
         for start, chunk in store.iter_chunks("class_rank", 1024):                  # [<=1024, layers, tokens]
             ...
+        for batch in store.loader(["blocks.3.hook_resid_post"], 256, seed=0):       # torch tensors, shuffled
+            ...
     """
 
     def __init__(self, path: str | os.PathLike, model=None):
-        self.path = Path(path)
-        meta_file = self.path / METADATA_FILE
-        if not meta_file.exists():
+        self.path = Path(path).expanduser()
+        self._meta_file = self.path / METADATA_FILE
+        if not self._meta_file.exists():
             raise FileNotFoundError(f"no vitlens store at {self.path} ({METADATA_FILE} is missing); "
                                     "create one with vitlens.record(...) or `vitlens record`")
-        self.meta = json.loads(meta_file.read_text())
-        if self.meta.get("schema_version") != SCHEMA_VERSION:
-            raise StoreMismatchError(f"{self.path} has store schema {self.meta.get('schema_version')}, "
-                                     f"this vitlens reads schema {SCHEMA_VERSION}")
-        self.outputs = {name: OutputSpec.from_dict(name, d) for name, d in self.meta["outputs"].items()}
-        self._index: h5py.File | None = None
+        self._load_metadata()
+        self._shards: dict[int, tuple[int, int]] = {}  # verified shards: number -> (size, mtime_ns)
+        self._skipped: dict[int, list] = {}            # shard -> [[sample index, error], ...]
+        self._open: OrderedDict[int, _OpenShard] = OrderedDict()
+        self._index_stat: tuple | None = None
+        self._trusted: dict[int, dict] = {}
+        self.shard_opens = 0  # shard files opened to verify them (what refresh costs)
+        self._closed = False
         self.refresh()
         if model is not None:
             self.check_model(model)
 
-    # ----------------------------------------------------------------------------------- creation
-    @classmethod
-    def create(cls, path: str | os.PathLike, meta: Mapping[str, Any]) -> "ActivationStore":
-        """Create a store from its metadata, or open the existing one after checking it matches `meta`.
-
-        Creation is exclusive and atomic (a temporary file hard-linked into place), so concurrent
-        creators agree on one ``store.json``.
-        """
-        path = Path(path)
-        meta = as_json({"schema_version": SCHEMA_VERSION, "store_id": uuid.uuid4().hex,
-                        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                        "versions": library_versions(), **meta})
-        (path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_path(path / METADATA_FILE)
-        header = json.dumps({k: v for k, v in meta.items() if k != "samples"}, indent=1)
-        samples = json.dumps(meta["samples"])  # last and on one line: the header stays readable
-        _write_durably(tmp, f'{header[:-2]},\n "samples": {samples}\n}}\n'.encode())
+    # --------------------------------------------------------------------------------- metadata
+    def _load_metadata(self) -> None:
+        raw = self._meta_file.read_bytes()
+        fix = f"restore {self._meta_file} from a copy, or record the store again into a new path"
         try:
-            os.link(tmp, path / METADATA_FILE)
-            _fsync_dir(path)
-            created = True
-        except FileExistsError:  # another creator was first: its store must match this request
-            created = False
-        finally:
-            tmp.unlink()
-        store = cls(path)
-        if not created:
-            store.check_compatible(meta, source="request")
-        return store
+            meta = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise StoreMetadataError(f"{self._meta_file} is not valid JSON ({error}); {fix}") from None
+        if not isinstance(meta, dict) or meta.get("schema_version") != SCHEMA_VERSION:
+            version = meta.get("schema_version") if isinstance(meta, dict) else None
+            raise StoreMismatchError(f"{self.path} has store schema {version}, this vitlens reads schema "
+                                     f"{SCHEMA_VERSION}; record it again with this vitlens into a new path")
+        problem = _metadata_problem(meta)
+        if problem:
+            raise StoreMetadataError(f"{self._meta_file} {problem}; {fix}")
+        self.meta, self.meta_sha256 = meta, hashlib.sha256(raw).hexdigest()
+        self._meta_stat = _signature(self._meta_file.stat())
+        self.outputs = {name: OutputSpec.from_dict(name, d) for name, d in meta["outputs"].items()}
 
-    # ------------------------------------------------------------------------------------ checks
+    def _check_metadata_unchanged(self) -> None:
+        stat = _signature(self._meta_file.stat())
+        if stat != self._meta_stat and hashlib.sha256(self._meta_file.read_bytes()).hexdigest() != self.meta_sha256:
+            raise StoreMetadataError(_edited(self._meta_file, "after this store was opened"))
+        self._meta_stat = stat
+
+    # ----------------------------------------------------------------------------------- checks
     def check_compatible(self, request: Mapping[str, Any], source: str = "request",
                          hint: str | None = None) -> None:
         """Raise :class:`StoreMismatchError` naming the first identity field that differs from `request`.
 
         Only the fields present in `request` are compared (model tag and weights hash, preprocessing,
-        token layout, samples, outputs, dtype, autocast, shard size).
+        token layout, samples, outputs with their token selections, dtype, autocast, shard size).
         """
         hint = hint or f"use a new path, or delete {self.path} to record it again"
         request = as_json(request)
@@ -347,12 +409,33 @@ class ActivationStore:
 
     def require_done(self, rows: np.ndarray) -> None:
         """Raise :class:`NotRecordedError` unless all `rows` (sample indices) are recorded."""
-        missing = np.asarray(rows)[~self.done[rows]]
+        rows = np.asarray(rows)
+        missing = rows[~self.done[rows]]
         if missing.size:
+            skipped = {int(i): error for errors in self._skipped.values() for i, error in errors}
+            why = [f"sample {int(i)} was skipped ({skipped[int(i)]})" for i in missing[:3] if int(i) in skipped]
             raise NotRecordedError(
                 f"{missing.size} requested sample(s) of {self.path} are not recorded yet (first: "
-                f"{missing[:5].tolist()}); {int(self.done.sum())} of {len(self)} are done. Resume the "
-                "recording (the same vitlens.record call or `vitlens record` command) to fill them in")
+                f"{missing[:5].tolist()}); {int(self.done.sum())} of {len(self)} are done. "
+                + ("; ".join(why) + ". " if why else "")
+                + "Resume the recording (the same vitlens.record call or `vitlens record` command) to fill them in")
+
+    def _require(self, shards, rows: np.ndarray) -> None:
+        """Check that the `shards` a read touches are still the verified files, then that `rows` are done."""
+        if self._closed:
+            raise ValueError(f"{self.path} is closed; open it again with vitlens.ActivationStore(path)")
+        for shard in shards:
+            known = self._shards.get(shard)
+            if known is None:
+                continue
+            try:
+                current = _signature(os.stat(self.shard_path(shard)))
+            except FileNotFoundError:
+                current = None
+            if current != known:  # deleted or replaced since it was verified: look again
+                self.refresh()
+                break
+        self.require_done(rows)
 
     # ----------------------------------------------------------------------------------- layout
     @property
@@ -386,6 +469,14 @@ class ActivationStore:
         """The samples in store order: one row per sample index, columns ``sample_id`` and ``label``."""
         return pd.DataFrame(self.meta["samples"])
 
+    @property
+    def skipped(self) -> pd.DataFrame:
+        """Samples left out by ``record(..., on_error="skip")``: index, sample_id, label, error."""
+        rows = sorted((int(i), error) for errors in self._skipped.values() for i, error in errors)
+        samples = self.meta["samples"]
+        return pd.DataFrame({"index": [i for i, _ in rows], "sample_id": [samples["sample_id"][i] for i, _ in rows],
+                             "label": [samples["label"][i] for i, _ in rows], "error": [e for _, e in rows]})
+
     def shard_range(self, shard: int) -> tuple[int, int]:
         """Sample indices [start, stop) held by `shard`."""
         start = shard * self.shard_size
@@ -395,13 +486,22 @@ class ActivationStore:
         return self.path / SHARD_DIR / f"shard_{shard:05d}.h5"
 
     def shards_on_disk(self) -> dict[int, Path]:
-        """The committed shard files, by shard number (temporary files of unfinished shards excluded)."""
+        """The shard files under their final names, by shard number (temporary files excluded)."""
+        return {shard: self.shard_path(shard) for shard in sorted(self._listing())}
+
+    def _listing(self) -> dict[int, tuple[int, int]]:
+        """Shard number -> (size, mtime_ns) of the published shard files (one directory scan)."""
         found = {}
-        for entry in os.scandir(self.path / SHARD_DIR):
-            match = _SHARD_NAME.match(entry.name)
-            if match and int(match.group(1)) < self.n_shards:
-                found[int(match.group(1))] = Path(entry.path)
-        return dict(sorted(found.items()))
+        folder = self.path / SHARD_DIR
+        if folder.is_dir():
+            for entry in os.scandir(folder):
+                match = _SHARD_NAME.match(entry.name)
+                if match and int(match.group(1)) < self.n_shards:
+                    try:
+                        found[int(match.group(1))] = _signature(entry.stat())
+                    except FileNotFoundError:  # removed while listing
+                        pass
+        return found
 
     # ------------------------------------------------------------------------------------ reads
     def keys(self) -> list[str]:
@@ -422,6 +522,8 @@ class ActivationStore:
 
         `tokens` optionally selects positions of the stored token axis (e.g. ``model.tokens("patches")``).
         """
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise ValueError(f"iter_chunks size must be a positive number of samples, got {size!r}")
         array = self[name]
         axis = array.spec.token_axis
         if tokens is not None and axis is None:
@@ -432,12 +534,40 @@ class ActivationStore:
                 key += [slice(None)] * axis + [tokens]
             yield start, array[tuple(key)]
 
+    def loader(self, outputs, batch_size: int, shuffle: bool = True, seed: int = 0, block_size: int = 64,
+               drop_last: bool = False, num_workers: int = 0):
+        """A torch ``DataLoader`` of ``{output: tensor [batch, *shape], "index": [batch]}`` over the recorded
+        samples, for training probes, gates or sparse autoencoders from a store.
+
+        Shuffling is by blocks: the samples are cut into runs of `block_size` consecutive rows (never
+        across shards), the runs are permuted each epoch (seeded by `seed` and the epoch), and each batch is
+        shuffled within itself; reads stay close to sequential disk speed. ``shuffle=False`` reads in order.
+        """
+        from torch.utils.data import DataLoader
+
+        names = [outputs] if isinstance(outputs, str) else list(outputs)
+        for name in names:
+            self[name]  # KeyError naming close matches
+        for label, value in (("batch_size", batch_size), ("block_size", block_size)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"loader {label} must be a positive number of samples, got {value!r}")
+        rows = np.flatnonzero(self.done)
+        if rows.size == 0:
+            raise NotRecordedError(f"{self.path} has no recorded samples yet; record it before loading from it")
+        cuts = np.flatnonzero((np.diff(rows) != 1) | (np.diff(rows // self.shard_size) != 0)) + 1
+        blocks = [b for run in np.split(rows, cuts) for b in np.split(run, range(block_size, len(run), block_size))]
+        sampler = _BlockBatches(blocks, batch_size, shuffle, seed, drop_last)
+        return DataLoader(_BatchReader(self.path, names), batch_size=None, sampler=sampler,
+                          num_workers=num_workers)
+
     def cache_for(self, i: int, model=None):
         """A TransformerLens-style ``ActivationCache`` (batch dim 1) of sample `i`.
 
         It holds every recorded hook that kept all tokens (reducer outputs and token subsets are left
         out). Pass `model` to enable the cache's model-aware helpers; it is checked against the store.
         """
+        import torch
+
         from vitlens.hooked import ActivationCache
 
         if not -len(self) <= i < len(self):
@@ -452,117 +582,129 @@ class ActivationStore:
 
     @property
     def done(self) -> np.ndarray:
-        """Bool [n_samples]: which samples are recorded."""
+        """Bool [n_samples]: which samples are recorded (skipped samples are not)."""
         return self._done
+
+    def _source(self, shard: int, name: str):
+        """The array of output `name` in `shard` (a memory-map view or an h5py dataset), opened on demand."""
+        handle = self._open.get(shard)
+        if handle is None:
+            handle = self._open[shard] = _OpenShard(self.shard_path(shard), self.outputs)
+            if len(self._open) > _MAX_OPEN:
+                self._open.popitem(last=False)[1].close()
+        else:
+            self._open.move_to_end(shard)
+        return handle.arrays[name]
 
     # ------------------------------------------------------------------------------------ index
     def refresh(self) -> "ActivationStore":
-        """Bring the index up to date with the shards on disk (rebuilding it if they changed)."""
-        listing = self._shard_listing()
-        index_path = self.path / INDEX_FILE
-        index = _open_if_current(index_path, self.meta["store_id"], listing)
-        if index is None:
-            index = self._build_index(listing)
-        if self._index is not None:
-            self._index.close()
-        self._index = index
-        self._done = index["done"][:]
+        """Bring the in-memory index up to date with ``store.json`` and the shards on disk.
+
+        Costs one directory scan and opens only shards this reader has not seen and ``index.json`` does
+        not vouch for. Raises :class:`StoreMetadataError` if ``store.json`` changed after the shards were
+        written, :class:`CorruptShardError` naming damaged shard files.
+        """
+        self._check_metadata_unchanged()
+        listing = self._listing()
+        for shard in [s for s, signature in self._shards.items() if listing.get(s) != signature]:
+            del self._shards[shard]
+            self._skipped.pop(shard, None)
+            if shard in self._open:
+                self._open.pop(shard).close()
+        new = [s for s in sorted(listing) if s not in self._shards]
+        if new:
+            self._read_index()
+        problems = []
+        for shard in new:
+            trusted = self._trusted.get(shard)
+            if trusted is not None and (trusted["size"], trusted["mtime_ns"]) == listing[shard]:
+                info = trusted
+            else:
+                self.shard_opens += 1
+                info = shard_info(self.shard_path(shard), self, shard)
+            if info.get("meta_sha256", self.meta_sha256) != self.meta_sha256:
+                raise StoreMetadataError(_edited(self._meta_file, "after its shards were written"))
+            if "problem" in info:
+                problems.append(f"{self.shard_path(shard)} {info['problem']}")
+            else:
+                self._shards[shard], self._skipped[shard] = listing[shard], info.get("skipped", [])
+        if problems:
+            raise CorruptShardError(
+                "corrupt shard file(s): " + "; ".join(problems) + ". Delete these files (and only these) and "
+                "resume the recording (the same vitlens.record call or `vitlens record` command) to recompute them")
+        done = np.zeros(len(self), dtype=bool)
+        for shard in self._shards:
+            done[slice(*self.shard_range(shard))] = True
+        for errors in self._skipped.values():
+            done[[int(i) for i, _ in errors]] = False
+        self._done = done
         return self
+
+    def _read_index(self) -> None:
+        """Load ``index.json`` (the shards writers verified) if it changed since it was last read."""
+        file = self.path / INDEX_FILE
+        try:
+            stat = _signature(file.stat())
+        except FileNotFoundError:
+            self._trusted, self._index_stat = {}, None
+            return
+        if stat == self._index_stat:
+            return
+        try:
+            index = json.loads(file.read_bytes())
+            ok = index.get("store_id") == self.meta["store_id"] and index.get("meta_sha256") == self.meta_sha256
+            self._trusted = {int(s): info for s, info in index["shards"].items()} if ok else {}
+        except (ValueError, KeyError, TypeError, AttributeError):  # a damaged index vouches for nothing
+            self._trusted = {}
+        self._index_stat = stat
+
+    def index_entries(self) -> dict[str, dict]:
+        """What ``index.json`` records for the verified shards (written by writers, see vitlens.shards)."""
+        return {str(s): {"size": size, "mtime_ns": mtime, "skipped": self._skipped.get(s, [])}
+                for s, (size, mtime) in sorted(self._shards.items())}
 
     @classmethod
     def rebuild(cls, path: str | os.PathLike) -> "ActivationStore":
-        """Recreate ``index.h5`` from ``store.json`` and the shards alone (checking every shard)."""
-        (Path(path) / INDEX_FILE).unlink(missing_ok=True)
-        return cls(path)
+        """Check every shard from scratch and rewrite ``index.json`` (a writer's operation)."""
+        from vitlens.shards import write_index
 
-    def _shard_listing(self) -> list[list]:
-        listing = []
-        for shard, file in self.shards_on_disk().items():
-            stat = file.stat()
-            listing.append([shard, stat.st_size, stat.st_mtime_ns])
-        return listing
-
-    def _build_index(self, listing: list[list]) -> h5py.File:
-        """Check every shard, then write the index to a temporary file and rename it into place.
-
-        A store in a read-only directory gets the same index in memory instead.
-        """
-        self._check_shards([shard for shard, *_ in listing])
-        index_path = self.path / INDEX_FILE
-        tmp = _tmp_path(index_path)
-        try:
-            with h5py.File(tmp, "w") as f:
-                self._fill_index(f, listing)
-            os.replace(tmp, index_path)
-        except OSError:  # read-only store: keep the index in memory
-            tmp.unlink(missing_ok=True)
-            f = h5py.File(f"{index_path}.in-memory", "w", driver="core", backing_store=False)
-            self._fill_index(f, listing)
-            return f
-        return h5py.File(index_path, "r")
-
-    def _fill_index(self, f: h5py.File, listing: list[list]) -> None:
-        done = np.zeros(len(self), dtype=bool)
-        for name, spec in self.outputs.items():
-            layout = h5py.VirtualLayout(shape=(len(self), *spec.shape), dtype=spec.dtype)
-            for shard, *_ in listing:
-                start, stop = self.shard_range(shard)
-                source = f"{SHARD_DIR}/{self.shard_path(shard).name}"  # relative to index.h5: stores move
-                layout[start:stop] = h5py.VirtualSource(source, name, shape=(stop - start, *spec.shape))
-            f.create_virtual_dataset(name, layout, fillvalue=0)
-        for shard, *_ in listing:
-            done[slice(*self.shard_range(shard))] = True
-        f.create_dataset("done", data=done)
-        f.attrs.update(schema_version=SCHEMA_VERSION, store_id=self.meta["store_id"],
-                       shards=json.dumps(listing))
-
-    def _check_shards(self, shards: list[int]) -> None:
-        problems = [f"{self.shard_path(s)} {problem}" for s in shards
-                    if (problem := self._shard_problem(s))]
-        if problems:
-            raise CorruptShardError(
-                "corrupt shard file(s): " + "; ".join(problems) + ". Delete them and resume the recording "
-                "(the same vitlens.record call or `vitlens record` command) to recompute them")
-
-    def _shard_problem(self, shard: int) -> str | None:
-        start, stop = self.shard_range(shard)
-        try:
-            with h5py.File(self.shard_path(shard), "r") as f:
-                if f.attrs.get("store_id") != self.meta["store_id"]:
-                    return "belongs to another store"
-                if (f.attrs.get("start"), f.attrs.get("stop")) != (start, stop):
-                    return f"holds samples {f.attrs.get('start')}..{f.attrs.get('stop')}, not {start}..{stop}"
-                for name, spec in self.outputs.items():
-                    if name not in f:
-                        return f"lacks {name!r}"
-                    if f[name].shape != (stop - start, *spec.shape) or f[name].dtype != spec.dtype:
-                        return f"has {name!r} of shape {f[name].shape} {f[name].dtype}"
-        except OSError as error:
-            return f"cannot be read (truncated or damaged: {error})"
-        return None
+        path = Path(path).expanduser()
+        (path / INDEX_FILE).unlink(missing_ok=True)
+        store = cls(path)
+        write_index(store)
+        return store
 
     # ----------------------------------------------------------------------------------- misc
     def describe(self) -> str:
         """A human-readable summary (what ``vitlens store info`` prints)."""
         done = int(self.done.sum())
+        skipped = sum(len(e) for e in self._skipped.values())
         lines = [f"store      {self.path}",
                  f"model      {self.tag}  (weights {self.weights_hash[:16]}…)",
-                 f"samples    {done} of {len(self)} recorded, {len(self.shards_on_disk())} of "
-                 f"{self.n_shards} shards of {self.shard_size}",
+                 f"samples    {done} of {len(self)} recorded, {len(self._shards)} of "
+                 f"{self.n_shards} shards of {self.shard_size}" + (f", {skipped} skipped" if skipped else ""),
                  f"dtype      {self.meta['dtype']}  autocast {self.meta.get('autocast')}",
                  f"created    {self.meta['created']}  "
                  + " ".join(f"{k} {v}" for k, v in self.meta["versions"].items()),
                  "outputs"]
         for name, spec in self.outputs.items():
             tokens = "all tokens" if spec.tokens is None else f"tokens {list(spec.tokens)}"
-            what = f"reducer {spec.reducer['class']}" if spec.reducer else tokens
-            lines.append(f"  {name:40s} {str(list(spec.shape)):16s} {spec.dtype:8s} {what}")
+            what = (f"reducer {spec.reducer['class']}" if spec.reducer else
+                    f"computation {spec.computation['class']}" if spec.computation else tokens)
+            packed = f"  {spec.compression}" if spec.compression else ""
+            lines.append(f"  {name:40s} {str(list(spec.shape)):16s} {spec.dtype:8s} {what}{packed}")
         return "\n".join(lines)
 
     def close(self) -> None:
-        if self._index is not None:
-            self._index.close()
-            self._index = None
+        while self._open:
+            self._open.popitem()[1].close()
+        self._closed = True
+
+    def __getstate__(self) -> dict:  # DataLoader workers reopen the store by path
+        return {"path": str(self.path)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
 
     def __enter__(self) -> "ActivationStore":
         return self
@@ -575,100 +717,94 @@ class ActivationStore:
                 f"{int(self.done.sum())}/{len(self)} samples, outputs={self.keys()})")
 
 
-class ShardWriter:
-    """Writes one shard of a store under a temporary name; only :meth:`commit` makes it visible.
+class _BlockBatches:
+    """The loader's sampler: batches of row indices [batch], from blocks permuted anew each epoch."""
 
-    h5py lays out the file (attributes and contiguous datasets, allocated but not written: a few KB), then
-    the rows go straight to their byte offsets with ``os.pwrite``: one copy into the page cache, as ``dd``
-    does, and a full disk surfaces as a plain ``OSError`` that leaves no HDF5 state behind. :meth:`commit`
-    fsyncs the file and renames it into place, so a crash at any moment leaves the complete shard or none;
-    :meth:`abort` removes the temporary file.
-    """
+    def __init__(self, blocks: list[np.ndarray], batch_size: int, shuffle: bool, seed: int, drop_last: bool):
+        self.blocks, self.batch_size, self.shuffle, self.seed, self.drop_last = blocks, batch_size, shuffle, seed, drop_last
+        self.n_rows, self.epoch = sum(len(b) for b in blocks), 0
 
-    def __init__(self, store: ActivationStore, shard: int):
-        self.shard, self.path = shard, store.shard_path(shard)
-        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
-        self.start, self.stop = store.shard_range(shard)
-        self._specs, self._offsets, self._n_written = store.outputs, {}, 0
-        layout = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-        layout.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # fixed data offsets, no fill: a sparse file
-        layout.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-        with h5py.File(self.tmp_path, "w") as f:
-            f.attrs.update(store_id=store.meta["store_id"], shard=shard, start=self.start, stop=self.stop)
-            for name, spec in self._specs.items():
-                dataset = f.create_dataset(name, shape=(self.stop - self.start, *spec.shape), dtype=spec.dtype,
-                                           dcpl=layout)
-                self._offsets[name] = dataset.id.get_offset()
-        self._fd: int | None = os.open(self.tmp_path, os.O_WRONLY)
+    def __len__(self) -> int:
+        return self.n_rows // self.batch_size if self.drop_last else -(-self.n_rows // self.batch_size)
 
-    @property
-    def complete(self) -> bool:
-        return self._n_written == self.stop - self.start
-
-    def write(self, offset: int, arrays: Mapping[str, np.ndarray]) -> None:
-        """Write rows [offset, offset + n) of every output (offset relative to the shard's first sample)."""
-        n = len(next(iter(arrays.values())))
-        for name, array in arrays.items():
-            spec = self._specs[name]
-            data = np.ascontiguousarray(array, dtype=spec.dtype)
-            if data.shape != (n, *spec.shape):
-                raise ValueError(f"{name}: got rows of shape {data.shape[1:]}, the store holds {spec.shape}")
-            _pwrite_all(self._fd, memoryview(data).cast("B"), self._offsets[name] + offset * spec.sample_bytes)
-        self._n_written += n
-
-    def commit(self) -> Path:
-        try:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
-            os.replace(self.tmp_path, self.path)
-        except BaseException:
-            self.abort()
-            raise
-        _fsync_dir(self.path.parent)
-        return self.path
-
-    def abort(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self.tmp_path.unlink(missing_ok=True)
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        order = rng.permutation(len(self.blocks)) if self.shuffle else range(len(self.blocks))
+        rows = np.concatenate([self.blocks[i] for i in order])
+        for b in range(len(self)):
+            batch = rows[b * self.batch_size:(b + 1) * self.batch_size]
+            yield rng.permutation(batch) if self.shuffle else batch
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    """``os.pwrite`` until all of `data` is written (a write may be partial)."""
-    while data:
-        written = os.pwrite(fd, data, offset)
-        data, offset = data[written:], offset + written
+class _BatchReader:
+    """The loader's dataset: reads the rows of one batch of every output (reopened by path in workers)."""
+
+    def __init__(self, path: Path, names: list[str]):
+        self.path, self.names, self.store = path, names, None
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "names": self.names, "store": None}
+
+    def __getitem__(self, rows: np.ndarray) -> dict:
+        import torch
+
+        if self.store is None:
+            self.store = ActivationStore(self.path)
+        return {"index": torch.from_numpy(rows), **{name: torch.from_numpy(self.store[name][rows])
+                                                    for name in self.names}}
 
 
-def _open_if_current(index_path: Path, store_id: str, listing: list[list]) -> h5py.File | None:
-    """The index file opened for reading if it describes exactly the shards in `listing`, else None."""
+def shard_info(path: Path, store: ActivationStore, shard: int) -> dict:
+    """Check a shard file against its store: ``{"meta_sha256", "skipped"}``, plus ``"problem"`` if it is bad."""
+    start, stop = store.shard_range(shard)
     try:
-        index = h5py.File(index_path, "r")
-    except OSError:
-        return None
-    if index.attrs.get("store_id") == store_id and json.loads(index.attrs.get("shards", "null")) == listing:
-        return index
-    index.close()
+        with h5py.File(path, "r") as f:
+            attrs = dict(f.attrs)
+            info = {"meta_sha256": attrs.get("meta_sha256", store.meta_sha256),
+                    "skipped": json.loads(attrs.get("skipped", "[]"))}
+            if attrs.get("store_id") != store.meta["store_id"]:
+                return {"problem": "belongs to another store"}
+            if (attrs.get("shard"), attrs.get("start"), attrs.get("stop")) != (shard, start, stop):
+                return {**info, "problem": f"is shard {attrs.get('shard')} with samples {attrs.get('start')}.."
+                                           f"{attrs.get('stop')}, not shard {shard} with {start}..{stop} "
+                                           "(copied or renamed from another number)"}
+            for name, spec in store.outputs.items():
+                if name not in f:
+                    return {**info, "problem": f"lacks {name!r}"}
+                if f[name].shape != (stop - start, *spec.shape) or f[name].dtype != spec.dtype:
+                    return {**info, "problem": f"has {name!r} of shape {f[name].shape} {f[name].dtype}"}
+                if spec.compression is None and f[name].id.get_offset() is None:
+                    return {**info, "problem": f"has {name!r} unallocated"}
+            if os.path.getsize(path) < max((f[n].id.get_offset() or 0) + f[n].id.get_storage_size() for n in f):
+                return {**info, "problem": "is truncated"}
+    except OSError as error:
+        return {"problem": f"cannot be read (truncated or damaged: {error})"}
+    return info
+
+
+def _metadata_problem(meta: dict) -> str | None:
+    """What is inconsistent in a parsed ``store.json`` (None if nothing)."""
+    for key in ("store_id", "n_samples", "shard_size", "outputs", "samples", "model", "layout"):
+        if key not in meta:
+            return f"lacks the key {key!r}"
+    samples = meta["samples"]
+    if not isinstance(samples, dict) or not isinstance(samples.get("sample_id"), list):
+        return "has no samples.sample_id list"
+    n = meta["n_samples"]
+    if not isinstance(n, int) or n != len(samples["sample_id"]) or n != len(samples.get("label", ())):
+        return (f"says n_samples {n!r} but lists {len(samples['sample_id'])} sample ids and "
+                f"{len(samples.get('label', ()))} labels")
+    if not isinstance(meta["shard_size"], int) or meta["shard_size"] < 1:
+        return f"has shard_size {meta['shard_size']!r}, not a positive integer"
     return None
 
 
-def _tmp_path(path: Path) -> Path:
-    """A temporary name next to `path`, unique across processes and hosts (stores may be on shared filesystems)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+def _edited(meta_file: Path, when: str) -> str:
+    return (f"{meta_file} was changed {when} (its content no longer matches the one the shards were recorded "
+            "under); restore the original store.json, e.g. from a copy or backup: the shards themselves are "
+            "intact. To record something else, use a new path")
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _signature(stat: os.stat_result) -> tuple[int, int]:
+    return stat.st_size, stat.st_mtime_ns
