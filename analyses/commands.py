@@ -53,6 +53,45 @@ registry.command("analyze", "context-perturbation", "identifiability with the co
                              "dropped after the position embedding, from the dataset's token masks; record under "
                              "STORE/perturbation/ (resumable) and write STORE/results/context_perturbation.csv.")
 
+# --- memories, probing, saliency (analyses/memories.py, probing.py, saliency.py) ---------------------------
+
+
+def _probes_arguments(parser) -> None:
+    _study_arguments(parser)
+    parser.add_argument("--hook", default="hook_resid_post", choices=("hook_resid_post", "hook_attn_out", "hook_mlp_out"),
+                        help="what is probed at every layer (default the residual stream)")
+    parser.add_argument("--train-data", default=None, help="the probes' training set (default: the first "
+                                                           "--train-per-class images of each class of --data)")
+    parser.add_argument("--train-per-class", type=int, default=10, help="training images per class (default 10, "
+                                                                        "the study's 10-shot)")
+
+
+def _saliency_arguments(parser) -> None:
+    _study_arguments(parser)
+    parser.add_argument("--methods", default="class_embedding,linear_probe,random,oracle",
+                        help="token orderings (default class_embedding,linear_probe,random,oracle)")
+    parser.add_argument("--train-per-class", type=int, default=10, help="images per class that train the "
+                                                                        "linear-probe ordering (not perturbed)")
+    parser.add_argument("--n-perms", type=int, default=10, help="random orderings averaged (default 10)")
+
+
+registry.command("analyze", "memories", "key-value memories of attention and MLP layers in class space",
+                 "analyses.memories:cli", _study_arguments,
+                 description="Record each token's top-5 attention and MLP memories and the sub-layers' top-5 "
+                             "classes into STORE (resumable), then write the per-layer class-value cosines, "
+                             "key-value agreement and composition rates to STORE/results/memories.csv.")
+registry.command("analyze", "probes", "linear probes for every layer and token position",
+                 "analyses.probing:cli", _probes_arguments,
+                 description="Record the probed hook of every layer for the training and test images into "
+                             "STORE/probe-train and STORE/probe-test (resumable), fit a ridge probe per layer and "
+                             "token (batched) and write STORE/results/probes.csv (accuracy, mean rank).")
+registry.command("analyze", "saliency", "token-removal curves of class-embedding saliency and other orderings",
+                 "analyses.saliency:cli", _saliency_arguments,
+                 description="Keep the top-n patch tokens of each ordering (class-embedding gradients, linear "
+                             "probes, random, the true object tokens) and measure accuracy for every n; finished "
+                             "curves are kept under STORE/results/curves/; writes the AUC table to "
+                             "STORE/results/perturbation_auc.csv and the curves to token_removal_curves.csv.")
+
 # --- report sections (analyses/sections.py) ----------------------------------------------------------------
 registry.section("tokens", "Class identity of every token, layer by layer", "analyses.sections:token_views",
                  requires=("class_rank",), command="vitlens analyze identifiability", order=20)
@@ -125,3 +164,34 @@ registry.command("", "train-diffmask", "train Vision DiffMask gates for a model 
                              "--model on --data, writing OUT/diffmask.safetensors, OUT/train_state.pt and "
                              "OUT/log.csv; running it again resumes. Use the gates with "
                              "`vitlens explain --methods diffmask --gates OUT/diffmask.safetensors`.")
+
+# --- explanation maps (analyses/explain.py, rollout.py, vit_cx.py) -----------------------------------------
+
+
+def _explain_arguments(parser) -> None:
+    parser.add_argument("--model", default="tiny-scenes", help="a model name for vitlens.load_model (default tiny-scenes)")
+    parser.add_argument("--data", default="scenes", help="'scenes' (default), an ImageNet-S root or an image folder")
+    parser.add_argument("--store", required=True, help="the store directory (maps go to map.<method> outputs; the "
+                                                       "summary to STORE/results/explain.csv)")
+    parser.add_argument("--methods", default="rollout,grad_rollout,chefer,vit_cx",
+                        help="comma-separated methods (default rollout,grad_rollout,chefer,vit_cx)")
+    parser.add_argument("--option", action="append", default=[], metavar="[METHOD.]NAME=VALUE",
+                        help="a method option, e.g. head_fusion=max or rollout.discard_ratio=0.5; repeatable")
+    parser.add_argument("--gates", default=None, metavar="PATH", help="DiffMask gates file (the diffmask method's "
+                                                                      "gates option)")
+    parser.add_argument("--compat", action="store_true", help="reproduce the original implementations' numbers, "
+                                                              "quirks included")
+    parser.add_argument("--target", choices=("label", "predicted"), default="label",
+                        help="explain each image's label (default) or the model's top class")
+    parser.add_argument("--split", default="validation", help="dataset split (ImageNet-S)")
+    parser.add_argument("--n-per-class", type=int, default=None, help="only the first N images of each class")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default=None, help="default: cuda:$LOCAL_RANK when available, else cpu")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+registry.command("", "explain", "explanation maps (rollout, gradient rollout, Chefer, ViT-CX, ...) into a store",
+                 "analyses.explain:cli", _explain_arguments,
+                 description="Compute each method's maps over the dataset into STORE as map.<method> outputs "
+                             "(resumable; under torchrun each rank writes its own shards) and write a summary to "
+                             "STORE/results/explain.csv. A store holds one set of methods: use another store for others.")

@@ -242,3 +242,13 @@ def plot(table: pd.DataFrame):
     fig.update_xaxes(title_text="layer")
     fig.update_layout(title="Key-value memories in class-embedding space")
     return fig
+
+
+def cli(args) -> None:
+    """``vitlens analyze memories``: record the memories store (resumable), then the per-layer table."""
+    from analyses.class_embedding import load_inputs, write_tables
+
+    model, data = load_inputs(args)
+    table = run(model, data, args.store, batch_size=args.batch_size, device=args.device,
+                progress=not args.no_progress, compat=args.compat)
+    write_tables(args.store, {"memories": table})

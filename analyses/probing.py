@@ -171,3 +171,23 @@ def plot(table: pd.DataFrame, value: str = "accuracy"):
                     labels={"x": "token (0 = CLS)", "y": "layer", "color": value})
     fig.update_layout(title=f"Linear probes: {value.replace('_', ' ')} per layer and token")
     return fig
+
+
+def cli(args) -> None:
+    """``vitlens analyze probes``: record the probe features of the train and test images into
+    ``STORE/probe-train`` and ``STORE/probe-test`` (resumable), then probe every layer and token."""
+    from pathlib import Path
+
+    from analyses.class_embedding import load_inputs, write_tables
+    from vitlens.data import load_dataset
+    from vitlens.recorder import record
+
+    model, data = load_inputs(args)
+    if args.train_data:
+        train, test = load_dataset(args.train_data, model=model, n_per_class=args.train_per_class), data
+    else:
+        train, test = split_per_class(data, args.train_per_class)
+    stores = [record(model, part, Path(args.store) / f"probe-{name}", hooks=f"blocks.*.{args.hook}",
+                     dtype="float32", batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+              for name, part in (("train", train), ("test", test))]
+    write_tables(args.store, {"probes": run(model, *stores, hook=args.hook, compat=args.compat, device=args.device)})

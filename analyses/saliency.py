@@ -297,3 +297,17 @@ def plot(curves: pd.DataFrame):
                   labels={"removed": "% of tokens removed", "accuracy": "accuracy"})
     fig.update_layout(title="Token-removal curves")
     return fig
+
+
+def cli(args) -> None:
+    """``vitlens analyze saliency``: token-removal curves of the study's orderings; the AUC table is printed
+    and written with the curves under ``STORE/results/``."""
+    from analyses.class_embedding import load_inputs, write_tables
+
+    model, data = load_inputs(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    curves, aucs = run(model, data, args.store, compat=args.compat, train_per_class=args.train_per_class,
+                       methods=methods, n_perms=args.n_perms, batch_size=args.batch_size, device=args.device,
+                       progress=not args.no_progress)
+    write_tables(args.store, {"perturbation_auc": aucs})
+    curves.to_csv(Path(args.store) / "results" / "token_removal_curves.csv", index=False)
