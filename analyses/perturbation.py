@@ -355,9 +355,9 @@ def plot(table: pd.DataFrame, *, y: str = "rate", title: str = ""):
 
     if y not in ("rate", "accuracy"):
         raise ValueError(f"y={y!r} must be 'rate' or 'accuracy'")
-    long = table.melt(id_vars="kind", value_vars=[y, f"reference_{y}"], var_name="model", value_name=y)
+    long = table.melt(id_vars="kind", value_vars=[y, f"reference_{y}"], var_name="model", value_name=f"{y} (%)")
     long["model"] = long["model"].map({y: "perturbed", f"reference_{y}": "unperturbed"})
-    figure = px.bar(long, x="kind", y=y, color="model", barmode="group")
+    figure = px.bar(long, x="kind", y=f"{y} (%)", color="model", barmode="group")
     return figure.update_layout(title=title or None, template="plotly_white")
 
 

@@ -7,7 +7,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import vitlens
-from tests.helpers.tiny import SyntheticImages
+from helpers.tiny import SyntheticImages
 from vitlens import HookedViT
 from analyses import class_embedding as ce
 from vitlens.cli import main
