@@ -247,6 +247,60 @@ def run(model, data, methods: str | Sequence[str], store, *, options: Mapping[st
     return pd.DataFrame(rows)
 
 
+def parse_options(methods: Sequence[str], option_args: Sequence[str] = (), gates: str | None = None) -> dict:
+    """``--option NAME=VALUE`` / ``--option METHOD.NAME=VALUE`` (and ``--gates PATH``) -> {method: {name: value}}.
+
+    A plain NAME goes to every listed method that has that option; values are Python literals or else
+    strings (``head_fusion=max``, ``discard_ratio=0.5``, ``layer=blocks.3.ln1.hook_normalized``).
+    """
+    import ast
+
+    specs = {name: get_method(name) for name in methods}
+    given = [(f"--option {text!r}", text) for text in option_args]
+    if gates is not None:
+        given.append((f"--gates {gates!r}", f"gates={gates!r}"))
+    options: dict[str, dict[str, Any]] = {name: {} for name in methods}
+    for flag, text in given:
+        key, sep, raw = text.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag}: write NAME=VALUE or METHOD.NAME=VALUE")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        method, _, name = key.rpartition(".")
+        targets = [method] if method else [m for m, spec in specs.items() if name in spec.options]
+        if method and method not in specs:
+            raise ValueError(f"{flag}: {method!r} is not among --methods {','.join(methods)}")
+        if not targets or name not in specs[targets[0]].options:
+            valid = {m: sorted(spec.options) for m, spec in specs.items()}
+            raise ValueError(f"{flag}: no method in --methods {','.join(methods)} takes option {name!r}; "
+                             f"their options: {valid}")
+        for target in targets:
+            options[target][name] = value
+    return options
+
+
+def cli(args) -> None:
+    """``vitlens explain``: every method's maps into the store (resumable), then the summary table."""
+    from analyses.class_embedding import write_tables
+    from vitlens.data import load_dataset
+    from vitlens.zoo import load_model
+
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not names:
+        raise ValueError("--methods is empty; list methods such as rollout,chefer,vit_cx")
+    for name in names:
+        if name not in methods():
+            raise ValueError(f"--methods: unknown method {name!r}; registered: {','.join(sorted(methods()))}")
+    options = parse_options(names, args.option, args.gates)
+    model = load_model(args.model)
+    data = load_dataset(args.data, args.split, model=model, n_per_class=args.n_per_class)
+    table = run(model, data, names, args.store, options=options, compat=args.compat, target=args.target,
+                batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+    write_tables(args.store, {"explain": table})
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Plot
 
