@@ -25,7 +25,8 @@ RESULTS_DIR = "results"
 
 
 class Study:
-    """The stores under `path` (the path itself when it is a store, else its sub-folders that are stores).
+    """The stores under `path`: the path itself when it is a store, and every store in its sub-folders
+    (an analysis keeps its own stores inside the recording's folder, e.g. ``results/evaluate/<method>``).
 
     Args:
         path: a store, or a folder of stores.
@@ -39,12 +40,12 @@ class Study:
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path} is not a folder; pass a store or a folder of stores "
                                     "(e.g. cache/demo, written by `vitlens demo`)")
-        folders = [self.path] if (self.path / METADATA_FILE).exists() else sorted(
-            p for p in self.path.iterdir() if (p / METADATA_FILE).exists())
+        folders = sorted((f.parent for f in self.path.glob("**/" + METADATA_FILE)),
+                         key=lambda p: (len(p.relative_to(self.path).parts), str(p)))  # the outermost first
         if not folders:
             raise FileNotFoundError(f"{self.path} holds no vitlens store (no {METADATA_FILE} in it or its "
                                     "sub-folders); record one with `vitlens record` or `vitlens demo`")
-        self.stores = {p.name: ActivationStore(p) for p in folders}
+        self.stores = {str(p.relative_to(self.path)): ActivationStore(p) for p in folders}
         self.data, self.model = data, model
 
     def store_with(self, *outputs: str) -> ActivationStore | None:
