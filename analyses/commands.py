@@ -195,3 +195,23 @@ registry.command("", "explain", "explanation maps (rollout, gradient rollout, Ch
                  description="Compute each method's maps over the dataset into STORE as map.<method> outputs "
                              "(resumable; under torchrun each rank writes its own shards) and write a summary to "
                              "STORE/results/explain.csv. A store holds one set of methods: use another store for others.")
+
+# --- demo (analyses/demo.py) ---------------------------------------------------------------------------------
+
+
+def _demo_arguments(parser) -> None:
+    parser.add_argument("--out", default="cache/demo", help="the output folder (default cache/demo); a second "
+                                                           "run reuses what is there")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--n-per-class", type=int, default=20, help="scenes per class (default 20; at least 11)")
+    parser.add_argument("--diffmask-steps", type=int, default=300, help="DiffMask training steps (default 300)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+registry.command("", "demo", "run every analysis on the bundled model and scenes and write an HTML report",
+                 "analyses.demo:cli", _demo_arguments,
+                 description="Run the whole toolkit on the bundled tiny-scenes model and scene set (generated on "
+                             "first use): class-embedding projection and identifiability, perturbations, memories, "
+                             "probes, saliency, a short DiffMask training, every explanation method, the "
+                             "faithfulness benchmark; then write OUT/report.html and print a summary. A second run "
+                             "reuses what is there.")

@@ -142,3 +142,66 @@ def test_bad_input(tiny):
         fa.deletion(model, images, maps, target, output="loss")
     with pytest.raises(ValueError, match="steps"):
         fa.deletion(model, images, maps, target, steps=0)
+
+
+@pytest.fixture(scope="module")
+def map_store(tmp_path_factory):
+    import vitlens
+    from analyses import explain
+    from vitlens.data import load_dataset
+
+    model = vitlens.load_model("tiny-scenes")
+    data = load_dataset("scenes", model=model, n_per_class=1)
+    path = tmp_path_factory.mktemp("maps") / "store"
+    explain.run(model, data, ["rollout"], path, progress=False)
+    return model, data, path
+
+
+def test_evaluate_store_tidy_table_and_resume(map_store):
+    model, data, path = map_store
+    metrics = ["deletion", "insertion", "relevance_mass", "miou"]
+    table = fa.evaluate(path, data, metrics=metrics, model=model, progress=False)
+    assert set(table.method) == {"rollout", "random", "centre", "oracle"}
+    assert (path / "results" / "evaluate.csv").exists() and (path / "results" / "evaluate_summary.csv").exists()
+    # the oracle's relevance mass at the pixel level is 1 for every image; its deletion beats the random map's
+    oracle = table[(table.method == "oracle") & (table.metric == "relevance_mass") & (table.level == "pixel")]
+    assert np.allclose(oracle.value, 1.0)
+    mean = table.groupby(["method", "metric"]).value.mean()
+    assert mean["oracle", "deletion"] < mean["random", "deletion"]
+    # the stored rollout scores equal the tensor functions on the stored maps
+    from vitlens.store import ActivationStore
+
+    with ActivationStore(path) as store:
+        maps = torch.from_numpy(store["map.rollout"][:])
+    items = [data[i] for i in range(len(data))]
+    images, labels = torch.stack([i["image"] for i in items]), torch.tensor([i["label"] for i in items])
+    masks = lo.pixel_masks(data, range(len(data)))
+    rollout = table[table.method == "rollout"].set_index(["metric", "level", "index"]).value
+    expected = lo.relevance_mass(maps, masks, level="patch")
+    np.testing.assert_allclose(rollout.loc["relevance_mass", "patch"].sort_index().values, expected.numpy(), atol=1e-6)
+    np.testing.assert_allclose(rollout.loc["deletion", "patch"].sort_index().values,
+                               fa.deletion(model, images, maps, labels).auc.numpy(), atol=1e-5)
+    summary = fa.summarise(table)
+    row = summary[(summary.group == "all") & (summary.method == "rollout") & (summary.metric == "deletion")].iloc[0]
+    assert row.ci_low <= row["mean"] <= row.ci_high and row.n == len(data)
+    assert set(summary.group) == {"all", "class", "mask_size"}
+    again = fa.evaluate(path, data, metrics=metrics, model=model, progress=False)  # resumes: nothing recomputed
+    assert again.equals(table)
+    figures = fa.plot(path)
+    assert len(figures["curves"].data) > 0 and figures["table"].data[0].z.shape == (4, 6)
+
+
+def test_evaluate_bad_input(map_store, tmp_path):
+    model, data, path = map_store
+    with pytest.raises(ValueError, match="unknown metric"):
+        fa.evaluate(path, data, metrics=["deletion", "accuracy"], model=model)
+    with pytest.raises(KeyError, match="vit_cx"):
+        fa.evaluate(path, data, methods=["vit_cx"], model=model)
+    with pytest.raises(ValueError, match="no segmentation masks"):
+        fa.evaluate(path, type("NoMasks", (), {"samples": data.samples.drop(columns="mask_path")})(), model=model)
+    import vitlens
+
+    empty = vitlens.record(model, data, tmp_path / "plain", hooks=["hook_logits"], progress=False)
+    empty.close()
+    with pytest.raises(ValueError, match="no explanation maps"):
+        fa.evaluate(tmp_path / "plain", data, model=model)
