@@ -102,8 +102,10 @@ def _plain_accuracy(model, images, labels, scores, n, order):
         if order == "positive":  # ascending with ties: the earlier patch first, as for the negative order
             ranked = (-score).argsort(descending=True, stable=True)
         keep = torch.cat([torch.tensor([0]), ranked[:n].sort().values + 1])
+        vit = model.vit  # timm's own modules, step by step, with the tokens dropped after the position embedding
         with torch.no_grad():
-            logits = model.run_with_hooks(image[None], fwd_hooks=[("hook_full_embed", lambda x, hook: x[:, keep])])
+            x = vit.norm_pre(vit._pos_embed(vit.patch_embed(image[None])))[:, keep]
+            logits = vit.forward_head(vit.norm(vit.blocks(x)))
         correct += int(logits.argmax() == label)
     return correct / len(images)
 
