@@ -12,8 +12,8 @@
 from .evaluate import object_relevance, plot, run
 from .model import DiffMask, DiffMaskOutput
 from .original import hf_vit_to_timm, read_original
-from .toy import CountingTask, fit, toy_vit
+from .toy import CountingTask, fit, pretrained_toy_vit, toy_vit
 from .train import Trainer, train
 
 __all__ = ["CountingTask", "DiffMask", "DiffMaskOutput", "Trainer", "fit", "hf_vit_to_timm", "object_relevance",
-           "plot", "read_original", "run", "toy_vit", "train"]
+           "plot", "pretrained_toy_vit", "read_original", "run", "toy_vit", "train"]
