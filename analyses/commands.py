@@ -93,8 +93,25 @@ registry.command("analyze", "saliency", "token-removal curves of class-embedding
                              "STORE/results/perturbation_auc.csv and the curves to token_removal_curves.csv.")
 
 # --- report sections (analyses/sections.py) ----------------------------------------------------------------
+registry.section("identifiability", "Class identifiability per layer", "analyses.sections:identifiability",
+                 requires=("table:identifiability",), command="vitlens analyze identifiability --random-twin", order=10)
 registry.section("tokens", "Class identity of every token, layer by layer", "analyses.sections:token_views",
                  requires=("class_rank",), command="vitlens analyze identifiability", order=20)
+registry.section("perturbation", "Attention and context perturbation", "analyses.sections:perturbations",
+                 requires=("table:attention_perturbation", "table:context_perturbation"),
+                 command="vitlens analyze attention-perturbation; vitlens analyze context-perturbation", order=30)
+registry.section("memories", "Key-value memories", "analyses.sections:memories", requires=("table:memories",),
+                 command="vitlens analyze memories", order=40)
+registry.section("probes", "Linear probes against the projection", "analyses.sections:probes",
+                 requires=("table:probes",), command="vitlens analyze probes", order=50)
+registry.section("token-removal", "Class-embedding saliency: token-removal curves", "analyses.sections:token_removal",
+                 requires=("table:token_removal_curves", "table:perturbation_auc"),
+                 command="vitlens analyze saliency", order=60)
+registry.section("maps", "Explanation maps", "analyses.sections:explanation_maps", requires=("map.*",),
+                 command="vitlens explain --methods rollout,chefer,vit_cx", order=70)
+registry.section("benchmark", "Faithfulness and localisation benchmark", "analyses.sections:benchmark",
+                 requires=("table:evaluate", "table:evaluate_summary"), command="vitlens evaluate STORE --data DATA",
+                 order=80)
 
 # --- faithfulness and localisation benchmark (analyses/faithfulness.py, analyses/localisation.py) -----------
 

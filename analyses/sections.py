@@ -101,34 +101,63 @@ def rank_heatmap(study, index: int = 0, output: str = "class_rank") -> go.Figure
     return fig
 
 
-def attention_viewer(study, index: int = 0) -> go.Figure:
-    """Attention of one query token over the image, with layer and head selectors (dropdowns).
+def attention_viewer(study, index: int = 0) -> str:
+    """Attention of one query token over the image: layer and head selectors, and a click on a token of the
+    heatmap makes it the query (the CLS token is the query at first; "CLS" selects it again).
 
-    Reads ``blocks.{l}.attn.hook_pattern`` recorded for the CLS query (or all queries; the CLS row is shown).
+    Reads ``blocks.{l}.attn.hook_pattern``; with only the CLS query recorded, the CLS row is shown. Returns an
+    HTML fragment: the figure, the selectors, and the attention rows of this image as JSON for the script.
     """
-    names = [n for n in study.outputs("blocks.") if n.endswith("attn.hook_pattern")]
+    import json
+
+    names = sorted((n for n in study.outputs("blocks.") if n.endswith("attn.hook_pattern")),
+                   key=lambda n: int(n.split(".")[1]))
     store = study.store_with(names[0])
     layout, grid = store.layout, tuple(store.layout.grid)
     patches = np.asarray(layout.tokens("patches"))
-    image = image_rgb(study, index)
-    per = 2 if image is not None else 1
-    fig, labels = go.Figure(), []
+    rows = {}  # "layer/head/query" -> [grid_h grid_w] over the patch keys
     for name in names:
-        pattern = np.asarray(store[name][index])  # [head stored_queries key]; query 0: CLS when present
+        pattern = np.asarray(store[name][index], dtype=np.float32)  # [head stored_queries key]
+        queries = store[name].tokens if store[name].tokens is not None else range(pattern.shape[1])
         for head in range(pattern.shape[0]):
-            labels.append(f"{name.split('.')[1]}/{head}")
-            for trace in _grid_heatmap(pattern[head, 0, patches].reshape(grid), image, colorscale="Magma",
-                                       hovertemplate="attention %{z:.3f}<extra></extra>"):
-                trace.visible = len(labels) == 1
-                fig.add_trace(trace)
-    buttons = [dict(method="update", label=f"layer/head {label}",
-                    args=[{"visible": [t // per == i for t in range(len(labels) * per)]}])
-               for i, label in enumerate(labels)]
-    fig.update_layout(title=f"{store.samples.sample_id[index]}: attention of the first query",
-                      updatemenus=[dict(buttons=buttons, direction="down", x=0, y=1.15, xanchor="left")],
-                      height=520, width=560)
+            for position, query in enumerate(queries):
+                rows[f"{name.split('.')[1]}/{head}/{int(query)}"] = np.round(
+                    pattern[head, position, patches].reshape(grid), 4).tolist()
+    first_query = int(layout.cls_index) if layout.cls_index is not None else int(patches[0])
+    image = image_rgb(study, index)
+    fig = go.Figure(_grid_heatmap(np.asarray(rows[f"0/0/{first_query}"]), image, colorscale="Magma",
+                                  hovertemplate="attention %{z:.3f}<extra>click: make this token the query</extra>"))
+    fig.update_layout(title=f"{store.samples.sample_id[index]}: attention of the query token", height=520, width=560)
     fig.update_yaxes(autorange="reversed", scaleanchor="x")
-    return fig
+    div = f"attention-{index}"
+    heads = sorted({int(k.split("/")[1]) for k in rows})
+    layers = [int(n.split(".")[1]) for n in names]
+    options = lambda values: "".join(f'<option value="{v}">{v}</option>' for v in values)  # noqa: E731
+    patch_tokens = json.dumps([int(t) for t in patches])
+    return f"""<div class="attention-viewer">
+<label>layer <select id="{div}-layer">{options(layers)}</select></label>
+<label>head <select id="{div}-head">{options(heads)}</select></label>
+<button id="{div}-cls" type="button">query: CLS</button> <span id="{div}-query">query token {first_query}</span>
+{fig.to_html(full_html=False, include_plotlyjs=False, div_id=div)}
+<script>(function() {{
+  const rows = {json.dumps(rows)}, patches = {patch_tokens}, cols = {grid[1]};
+  const gd = document.getElementById("{div}"), trace = gd.data.length - 1;
+  let query = {first_query};
+  function show() {{
+    const key = document.getElementById("{div}-layer").value + "/" + document.getElementById("{div}-head").value
+                + "/" + query;
+    if (!(key in rows)) {{ document.getElementById("{div}-query").textContent = "query " + query + " not recorded"; return; }}
+    Plotly.restyle(gd, {{z: [rows[key]]}}, [trace]);
+    document.getElementById("{div}-query").textContent = "query token " + query;
+  }}
+  document.getElementById("{div}-layer").onchange = show;
+  document.getElementById("{div}-head").onchange = show;
+  document.getElementById("{div}-cls").onclick = function() {{ query = {first_query}; show(); }};
+  gd.on("plotly_click", function(event) {{
+    const p = event.points.find(p => p.curveNumber === trace);
+    if (p) {{ query = patches[p.y * cols + p.x]; show(); }}
+  }});
+}})();</script></div>"""
 
 
 def table_html(frame, floatfmt: str = "{:.3f}") -> str:
@@ -145,3 +174,103 @@ def token_views(study) -> list:
     if any(name.endswith("attn.hook_pattern") for name in study.outputs("blocks.")):
         figures.append(attention_viewer(study, 0))
     return figures
+
+
+def identifiability(study) -> list:
+    """Identifiability per layer for CLS and image tokens, with the random twin dashed; the other measures."""
+    from analyses import class_embedding
+
+    figures = []
+    table = study.table("identifiability")
+    random = next((s for name, s in study.stores.items() if name.endswith("-random") and "class_rank" in s.outputs),
+                  None)
+    baseline = class_embedding.identifiability(random) if random is not None else None
+    figures.append(class_embedding.plot(table, baseline=baseline, title="class identifiability per layer"))
+    figures.append(class_embedding.plot(table, y="rate", title="identifiability rate (% of tokens ranked top-1)"))
+    for name, title in (("change_rate", "residual updates that raise the label's logit"),
+                        ("class_similarity_change", "sub-layers that raise the label's logit"),
+                        ("residual_composition", "where the residual's top-1 class comes from"),
+                        ("context_difference_identifiability", "class minus context tokens: identifiability")):
+        frame = study.table(name)
+        if frame is not None:
+            figures.append(class_embedding.plot(frame, title=title))
+    return figures
+
+
+def perturbations(study) -> list:
+    """Perturbed against unperturbed identifiability and accuracy (attention and context edits)."""
+    import pandas as pd
+
+    from analyses import perturbation
+
+    tables = [t for t in (study.table("attention_perturbation"), study.table("context_perturbation")) if t is not None]
+    table = pd.concat(tables, ignore_index=True)
+    return [perturbation.plot(table, y="rate", title="identifiability rate at the last layer (%)"),
+            perturbation.plot(table, y="accuracy", title="top-1 accuracy (%)"), table_html(table)]
+
+
+def memories(study) -> list:
+    """Key-value agreement, composition and class-value cosines per layer."""
+    from analyses import memories as memories_
+
+    return [memories_.plot(study.table("memories"))]
+
+
+def probes(study) -> list:
+    """Linear probes per layer and token, and the CLS probe against the class-embedding projection."""
+    import plotly.express as px
+
+    from analyses import probing
+
+    table = study.table("probes")
+    figures = [probing.plot(table)]
+    ident = study.table("identifiability")
+    if ident is not None:
+        cls = ident[ident.tokens == "cls"]
+        compare = px.line(x=list(cls["layer"]) * 2, y=list(table[table.token == 0]["accuracy"] * 100) + list(cls["rate"]),
+                          color=["linear probe accuracy"] * len(cls) + ["projection: label ranked top-1"] * len(cls),
+                          markers=True, labels={"x": "layer", "y": "% of images (CLS token)", "color": ""},
+                          title="CLS token: linear probe against the class-embedding projection")
+        figures.append(compare)
+    return figures
+
+
+def token_removal(study) -> list:
+    """The keep-top-n token-removal curves and their AUCs."""
+    from analyses import saliency
+
+    return [saliency.plot(study.table("token_removal_curves")), table_html(study.table("perturbation_auc"))]
+
+
+def explanation_maps(study) -> list:
+    """Every method's maps over the first images, with the object outline."""
+    import torch
+
+    from analyses import explain
+
+    names = study.outputs("map.")
+    store = study.store_with(names[0])
+    n = min(N_IMAGES, int(store.done.sum()))
+    maps = {name[len("map."):]: torch.as_tensor(np.asarray(store[name][0:n]), dtype=torch.float32) for name in names}
+    if study.data is None:
+        return [explain.plot(maps, torch.zeros(n, 3, *next(iter(maps.values())).shape[-2:]))]
+    images = torch.stack([study.data[i]["image"] for i in range(n)])
+    masks = torch.stack([torch.as_tensor(np.asarray(study.data[i]["token_mask"]), dtype=torch.float32)
+                         for i in range(n)]) if "token_mask" in study.data[0] else None
+    return [explain.plot(maps, images, masks)]
+
+
+def benchmark(study) -> list:
+    """The method x metric table with intervals, and the deletion and insertion curves."""
+    from analyses import faithfulness
+
+    folder = study.tables["evaluate"].parent.parent  # <maps store>/results/evaluate.csv
+    figures = faithfulness.plot(folder)
+    summary = study.table("evaluate_summary")
+    overall = summary[summary["group"] == "all"]
+    cells = overall.assign(column=overall["metric"] + " (" + overall["level"] + ")",
+                           cell=overall.apply(lambda r: f"{r['mean']:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]", axis=1))
+    wide = cells.pivot(index="method", columns="column", values="cell").reset_index()
+    table = figures["table"]
+    table.update_layout(height=140 + 45 * len(wide), margin=dict(b=160))
+    return [table, *([figures["curves"]] if "curves" in figures else []), table_html(wide)]

@@ -1,4 +1,5 @@
 """The HTML report and the Dash explorer, checked in a real browser (Debian's Chromium driven by Playwright)."""
+import json
 import re
 import shutil
 from pathlib import Path
@@ -19,11 +20,11 @@ needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium i
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    """A study folder with one store of the bundled model: class ranks and CLS attention rows of 20 scenes."""
+    """A study folder with one store of the bundled model: class ranks and attention patterns of 20 scenes."""
     model = vitlens.load_model("tiny-scenes")
     data = load_dataset("scenes", model=model, n_per_class=2)
     root = tmp_path_factory.mktemp("study")
-    vitlens.record(model, data, root / "recording", hooks={"blocks.*.attn.hook_pattern": "cls"},
+    vitlens.record(model, data, root / "recording", hooks={"blocks.*.attn.hook_pattern": "all"},
                    reducers=[ClassRankReducer()], progress=False)
     return root, data
 
@@ -89,6 +90,23 @@ def test_report_renders_in_a_browser_and_the_layer_slider_moves(study, browser):
     after_visible, after_image = page.evaluate(visible), page.evaluate(heatmap)
     assert before_visible != after_visible and after_visible[:2] == [True, True]
     assert before_image != after_image
+
+    # The attention viewer: a click on a patch token makes it the query; its row is what the store holds.
+    viewer = "attention-0"
+    z = "() => JSON.stringify(document.getElementById('%s').data.slice(-1)[0].z)" % viewer
+    page.select_option(f"#{viewer}-layer", "2")
+    page.select_option(f"#{viewer}-head", "1")
+    cls_row = page.evaluate(z)
+    page.locator(f"#{viewer}").scroll_into_view_if_needed()
+    heat = page.locator(f"#{viewer} .hm").bounding_box()
+    page.mouse.click(heat["x"] + heat["width"] * 4.5 / 6, heat["y"] + heat["height"] * 1.5 / 6)  # row 1, col 4
+    page.wait_for_timeout(300)
+    store = Study(root).stores["recording"]
+    query = int(store.layout.tokens("patches")[1 * 6 + 4])
+    expected = store["blocks.2.attn.hook_pattern"][0][1, query, store.layout.tokens("patches").numpy()]
+    shown = np.array(json.loads(page.evaluate(z)), dtype=np.float32)
+    assert page.evaluate(z) != cls_row
+    assert np.allclose(shown.ravel(), expected, atol=1e-3)
     assert errors == []
     ARTEFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTEFACTS / "report.png"), full_page=False)
