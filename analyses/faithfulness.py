@@ -373,6 +373,19 @@ def positive_negative(model, images: torch.Tensor, maps: torch.Tensor, target, *
 
 
 
+def token_removal(model, images: torch.Tensor, maps: torch.Tensor, target, *, order: str = "negative",
+                  compat: bool = False, batch_size: int = 256) -> tuple[torch.Tensor, float]:
+    """vit-cls_emb's keep-top-n token-removal curve (§A9) for token-grid maps, by dropping tokens, from
+    :func:`analyses.saliency.token_removal_curve`: accuracy over the batch [patches - 1] for n = 1..N-1 kept
+    patches ("negative": the highest-scored kept; "positive": the lowest). AUC: the mean accuracy over the kept
+    fraction (:func:`analyses.saliency.auc`), or with ``compat=True`` the study's Σacc / (max(acc) · N)."""
+    from analyses import saliency
+
+    target = torch.as_tensor(target, device=images.device).long().expand(len(images))
+    curve = saliency.token_removal_curve(model, images, target, maps, order=order, batch_size=batch_size)
+    return curve, (saliency.auc_study(curve) if compat else saliency.auc(curve))
+
+
 # ---- the benchmark over a store of maps ------------------------------------------------------------------------
 
 BASELINE_METHODS = ("random", "centre", "oracle")

@@ -130,6 +130,15 @@ def test_oracle_beats_random_on_scenes(scenes):
                                                                     labels).auc.mean()
 
 
+def test_token_removal_oracle_beats_random(scenes):
+    model, images, masks, labels = scenes
+    oracle_curve, oracle_auc = fa.token_removal(model, images, masks, labels)
+    chance_curve, chance_auc = fa.token_removal(model, images, lo.random_maps(masks.shape), labels)
+    assert oracle_curve.shape == (35,) and oracle_auc > chance_auc
+    _, study = fa.token_removal(model, images, masks, labels, compat=True)
+    assert study == pytest.approx(float(oracle_curve.sum() / (oracle_curve.max() * 36)))
+
+
 def test_bad_input(tiny):
     model, images, maps, target = tiny
     with pytest.raises(ValueError, match="token grid \\(4, 4\\)"):
