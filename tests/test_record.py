@@ -1,5 +1,6 @@
 """The recorder: kill -9 and resume, two writers, a full disk, a read-only directory, bad hooks, reducers."""
 import errno
+import json
 import os
 import random
 import shutil
@@ -10,6 +11,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -17,10 +19,10 @@ from helpers.tiny import SyntheticImages, assert_same_store, record_tiny, tiny_m
 from timm.models.vision_transformer import VisionTransformer
 
 import vitlens
-from vitlens import ActivationStore, HookedViT, UnknownHookError
+from vitlens import ActivationStore, HookedViT, NotRecordedError, StoreMismatchError, UnknownHookError
 from vitlens.cli import main
 from analyses.class_embedding import ClassRankReducer
-from vitlens.recorder import _Capture
+from vitlens.recorder import RecordingInterrupted, _Capture
 from vitlens.shards import ShardWriter
 
 TESTS = Path(__file__).parent
@@ -41,33 +43,57 @@ def finish(process: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """Uninterrupted single-process recordings of 800 and of 40 synthetic images."""
+    """An uninterrupted single-process recording of 40 synthetic images."""
     root = tmp_path_factory.mktemp("reference")
-    record_tiny(root / "800", SyntheticImages(800), batch_size=BATCH, shard_size=SHARD).close()
     record_tiny(root / "40", SyntheticImages(40), batch_size=BATCH, shard_size=SHARD).close()
     return root
 
 
+def write_log(path) -> list[dict]:
+    return [json.loads(line) for line in (path / "writes.log").read_text().splitlines()]
+
+
+def check_log(path, killed: set[int]) -> None:
+    """Each shard published once; a shard claimed twice only after its earlier claimants were killed."""
+    events = write_log(path)
+    published = [e["shard"] for e in events if e["event"] == "publish"]
+    assert len(published) == len(set(published)), "a shard was published twice"
+    assert not [e for e in events if e["event"] == "duplicate"], "a shard was computed twice by live writers"
+    for shard in set(e["shard"] for e in events):
+        claimants = [e["writer"] for e in events if e["event"] == "claim" and e["shard"] == shard]
+        for writer in claimants[:-1]:
+            assert int(writer.split("-")[-2]) in killed, f"shard {shard} was claimed by live writers {claimants}"
+
+
 @pytest.mark.slow
-def test_kill_9_at_random_moments_then_resume_is_bitwise_uninterrupted(tmp_path, reference):
-    path, rng, kills = tmp_path / "killed", random.Random(0), 0
-    for attempt in range(20):
-        if kills == 5:
-            break
-        process = start_recorder(path, "--n", "800", "--delay", "0.003")
-        assert process.stdout.readline() == "recording\n", process.stderr.read()
-        time.sleep(rng.uniform(0.0, 0.4))
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-            kills += 1
-        process.communicate()
-        if (path / "store.json").exists():
-            ActivationStore(path).close()  # every shard on disk is complete and readable
-    assert kills == 5, "the recording finished before it could be killed 5 times"
-    assert not ActivationStore(path).done.all(), "the kills should leave work to resume"
-    finish(start_recorder(path, "--n", "800"))
-    assert_same_store(path, reference / "800")
-    assert not list((path / "shards").glob("*.tmp"))
+def test_three_writers_with_kills_then_resume_equal_run_with_cache(tmp_path):
+    """Three plain processes on one store, two of them SIGKILLed at random moments, then a resume."""
+    path, rng, n = tmp_path / "three", random.Random(0), 160
+    writers = [start_recorder(path, "--n", str(n), "--delay", "0.01") for _ in range(3)]
+    for writer in writers:
+        assert writer.stdout.readline() == "recording\n", writer.stderr.read()
+    killed = set()
+    for victim in rng.sample(writers, 2):
+        time.sleep(rng.uniform(0.2, 1.0))
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        killed.add(victim.pid)
+    for writer in writers:
+        writer.communicate(timeout=300)
+    finish(start_recorder(path, "--n", str(n)))  # the resume: finishes whatever is left
+    check_log(path, killed)
+    assert not [p for p in (path / "shards").iterdir() if p.suffix != ".h5"], "temporary files or claims left"
+    model, dataset = tiny_model(), SyntheticImages(n)
+    with ActivationStore(path) as store:
+        hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern", "hook_logits"]
+        for start in range(0, n, BATCH):  # the recorder's batches, through run_with_cache directly
+            with torch.inference_mode():
+                _, cache = model.run_with_cache(dataset.images[start:start + BATCH], names_filter=hooks)
+            expected = {hook: cache[hook] for hook in hooks}
+            expected["blocks.0.attn.hook_pattern"] = expected["blocks.0.attn.hook_pattern"][:, :, :1]  # CLS queries
+            for hook in hooks:
+                assert store[hook][start:start + BATCH].tobytes() == expected[hook].contiguous().numpy().tobytes(), \
+                    (hook, start)
 
 
 @pytest.mark.slow
@@ -437,3 +463,100 @@ def test_computation_of_the_wrong_shape_or_dtype_is_refused(tmp_path):
     bad.dtype = "float"
     with pytest.raises(ValueError, match="computation map.input_grad has dtype 'float'"):
         vitlens.record(tiny_model(), SyntheticImages(8), tmp_path / "b", computations=[bad], progress=False)
+
+
+class BrokenItem(SyntheticImages):
+    """Item `row` cannot be loaded; samples list an image_path per item (all exist but that one's is damaged)."""
+
+    def __init__(self, n: int, row: int, folder: Path):
+        super().__init__(n)
+        self.row = row
+        paths = []
+        for i in range(n):
+            paths.append(folder / f"img{i:04d}.png")
+            paths[-1].write_bytes(b"png")
+        self.samples["image_path"] = [str(p) for p in paths]
+
+    def __getitem__(self, index: int) -> dict:
+        if index == self.row:
+            raise OSError(f"image file is truncated: {self.samples.image_path[index]}")
+        return super().__getitem__(index)
+
+
+def test_a_broken_image_is_named_or_skipped(tmp_path, reference):
+    (tmp_path / "images").mkdir()
+    dataset = BrokenItem(40, 13, tmp_path / "images")
+    with pytest.raises(ValueError, match=r"dataset item 13 \(.*img0013.png\) could not be loaded: OSError: image "
+                                         r"file is truncated.*on_error='skip'"):
+        record_tiny(tmp_path / "raise", dataset, batch_size=BATCH, shard_size=SHARD)
+    (tmp_path / "images" / "img0030.png").unlink()
+    with pytest.raises(FileNotFoundError, match="1 image file.*img0030.png"):
+        record_tiny(tmp_path / "missing", dataset, batch_size=BATCH, shard_size=SHARD)
+    assert not (tmp_path / "missing").exists()  # reported before the store exists
+    store = record_tiny(tmp_path / "skip", dataset, batch_size=BATCH, shard_size=SHARD, on_error="skip")
+    assert store.skipped[["index", "sample_id"]].values.tolist() == [[13, "img0013"]]
+    assert "truncated" in store.skipped.error[0] and not store.done[13] and int(store.done.sum()) == 39
+    with pytest.raises(NotRecordedError, match=r"sample 13 was skipped \(OSError: image file is truncated"):
+        store["hook_logits"][13]
+    kept = np.arange(40) != 13
+    expected = ActivationStore(reference / "40")
+    for name in store.keys():
+        assert store[name][kept].tobytes() == expected[name][kept].tobytes(), name
+    assert ActivationStore(tmp_path / "skip").skipped.equals(store.skipped)  # a new reader sees them too
+
+
+def test_ctrl_c_keeps_complete_shards_and_says_how_to_resume(tmp_path, reference, monkeypatch):
+    path, dataset = tmp_path / "store", SyntheticImages(40)
+    calls = iter(range(100))  # call 0 probes the shapes, then one call per batch of 4
+
+    def interrupted(self, *args):
+        if next(calls) == 6:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    original = _Capture.run
+    monkeypatch.setattr(_Capture, "run", interrupted)
+    with pytest.raises(RecordingInterrupted, match=r"^interrupted: run the same command to resume "
+                                                   r"\(16 of 40 samples kept\)$") as info:
+        record_tiny(path, dataset, batch_size=BATCH, shard_size=SHARD)
+    assert isinstance(info.value, KeyboardInterrupt) and (info.value.kept, info.value.total) == (16, 40)
+    assert sorted(p.name for p in (path / "shards").iterdir()) == ["shard_00000.h5", "shard_00001.h5"]
+    monkeypatch.undo()
+    record_tiny(path, dataset, batch_size=BATCH, shard_size=SHARD)
+    assert_same_store(path, reference / "40")
+
+
+def test_compressed_outputs_read_back_exactly(tmp_path, reference):
+    for codec in ("gzip", "lzf"):
+        path = tmp_path / codec
+        store = record_tiny(path, SyntheticImages(40), batch_size=BATCH, shard_size=SHARD,
+                            compression={"blocks.*": codec, "class_rank": "gzip"})
+        assert_same_store(path, reference / "40")
+        with h5py.File(path / "shards" / "shard_00002.h5") as f:
+            assert f["blocks.1.hook_resid_post"].compression == codec and f["hook_logits"].compression is None
+        assert store.outputs["blocks.0.hook_resid_post"].compression == codec
+    with pytest.raises(ValueError, match="compression 'zstd' for blocks.0.hook_resid_post is not available"):
+        record_tiny(tmp_path / "bad", SyntheticImages(8), compression="zstd")
+    with pytest.raises(StoreMismatchError, match="output set differs at blocks.0.hook_resid_post.compression"):
+        record_tiny(tmp_path / "gzip", SyntheticImages(40), batch_size=BATCH, shard_size=SHARD, compression="lzf")
+
+
+def test_the_shuffled_loader_reads_every_sample_once_per_epoch_in_blocks(reference):
+    store = ActivationStore(reference / "40")
+    loader = store.loader(["hook_logits", "class_rank"], batch_size=6, seed=3, block_size=4)
+    epochs = [list(loader) for _ in range(2)]
+    for batches in epochs:
+        rows = torch.cat([b["index"] for b in batches]).numpy()
+        assert sorted(rows) == list(range(40)) and len(batches) == 7
+        for batch in batches:
+            np.testing.assert_array_equal(batch["hook_logits"].numpy(), store["hook_logits"][batch["index"].numpy()])
+            starts = {int(i) // 4 for i in batch["index"]}  # whole blocks of 4 consecutive samples
+            assert len(starts) <= 3
+    order = [torch.cat([b["index"] for b in batches]).tolist() for batches in epochs]
+    assert order[0] != order[1] and order[0] != list(range(40))
+    again = torch.cat([b["index"] for b in store.loader("hook_logits", 6, seed=3, block_size=4)]).tolist()
+    assert again == order[0]
+    plain = torch.cat([b["index"] for b in store.loader("hook_logits", 6, shuffle=False)]).tolist()
+    assert plain == list(range(40))
+    with pytest.raises(ValueError, match="loader batch_size must be a positive number"):
+        store.loader("hook_logits", 0)

@@ -1,7 +1,11 @@
 """ActivationStore: lazy reads against run_with_cache, the index, corrupt shards and mismatched models."""
 import os
 import shutil
+import subprocess
+import sys
+from unittest import mock
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -10,7 +14,7 @@ from helpers.tiny import HOOKS, SyntheticImages, assert_same_store, record_tiny,
 import vitlens
 from vitlens import ActivationStore
 from vitlens.cli import main
-from vitlens.store import CorruptShardError, NotRecordedError, StoreMismatchError
+from vitlens.store import CorruptShardError, NotRecordedError, StoreMetadataError, StoreMismatchError
 
 N, BATCH, SHARD = 40, 4, 8
 RECORDED = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern", "hook_logits"]
@@ -250,3 +254,153 @@ def test_temporary_files_of_another_host_with_our_pid_are_left_alone(tmp_path, d
     record_tiny(path, dataset, batch_size=BATCH, shard_size=SHARD).close()
     ActivationStore.rebuild(path).close()
     assert all(file.read_bytes() == b"being written on another host" for file in theirs)
+
+
+# ------------------------------------------------------------------- reads never return what is not on disk
+def test_a_shard_deleted_under_an_open_reader_raises_instead_of_zeros(store_copy, recorded):
+    store, reference = ActivationStore(store_copy), ActivationStore(recorded)
+    np.testing.assert_array_equal(store["hook_logits"][8:16], reference["hook_logits"][8:16])
+    (store_copy / "shards" / "shard_00001.h5").unlink()
+    for key in (slice(8, 16), 10, [3, 12], slice(0, 40, 5)):
+        with pytest.raises(NotRecordedError, match="not recorded yet"):
+            store["hook_logits"][key]
+    assert not store.done[8:16].any() and store.done[:8].all()
+    np.testing.assert_array_equal(store["hook_logits"][16:24], reference["hook_logits"][16:24])
+
+
+def test_an_edited_store_json_is_detected_and_intact_shards_are_not_blamed(store_copy):
+    meta_file = store_copy / "store.json"
+    original = meta_file.read_text()
+    meta_file.write_text(original.replace('"dtype": "float32"', '"dtype": "float16"', 1))
+    for index in (True, False):  # with the writers' index, and with every shard opened
+        if not index:
+            (store_copy / "index.json").unlink()
+        with pytest.raises(StoreMetadataError, match="store.json was changed after its shards were written.*"
+                                                      "restore the original store.json.*shards themselves are intact") as info:
+            ActivationStore(store_copy)
+        assert "Delete" not in str(info.value) and "delete" not in str(info.value)
+    meta_file.write_text(original)
+    store = ActivationStore(store_copy)
+    meta_file.write_text(original.replace('"n_samples": 40', '"n_samples": 500'))
+    with pytest.raises(StoreMetadataError, match="changed after this store was opened"):
+        store.refresh()
+    with pytest.raises(StoreMetadataError, match=r"store.json says n_samples 500 but lists 40 sample ids.*restore"):
+        ActivationStore(store_copy)
+    meta_file.write_text(original[:-20])
+    with pytest.raises(StoreMetadataError, match=f"{meta_file} is not valid JSON"):
+        ActivationStore(store_copy)
+
+
+def test_a_shard_copied_under_another_number_is_refused(store_copy):
+    shutil.copy(store_copy / "shards" / "shard_00003.h5", store_copy / "shards" / "shard_00001.h5")
+    with pytest.raises(CorruptShardError, match=r"shard_00001.h5 is shard 3 with samples 24..32, not shard 1 "
+                                                r"with 8..16 \(copied or renamed.*Delete these files \(and only"):
+        ActivationStore(store_copy)
+
+
+def test_gaps_in_the_shard_numbers_read_each_shard_by_its_number(store_copy, recorded):
+    for shard in (0, 2, 4):  # as a rank of a multi-rank run leaves it
+        (store_copy / "shards" / f"shard_0000{shard}.h5").unlink()
+    store = ActivationStore(store_copy)
+    assert sorted(store.shards_on_disk()) == [1, 3]
+    reference = ActivationStore(recorded)
+    for name in ("blocks.1.hook_resid_post", "class_rank"):
+        np.testing.assert_array_equal(store[name][24:32], reference[name][24:32])
+        np.testing.assert_array_equal(store[name][[30, 9]], reference[name][[30, 9]])
+
+
+def test_negative_and_out_of_order_index_arrays(recorded):
+    array = ActivationStore(recorded)["blocks.1.hook_resid_post"]
+    full = array[:]
+    np.testing.assert_array_equal(array[[-1, -40, 5]], full[[39, 0, 5]])
+    np.testing.assert_array_equal(array[np.array([-3, 2]), [-1, 0]], full[[37, 2]][:, [16, 0]])
+    np.testing.assert_array_equal(array[torch.tensor([33, -33])], full[[33, 7]])
+    assert array[[]].shape == (0, 17, 32) and array[5:5].shape == (0, 17, 32)
+
+
+def test_a_partial_last_shard(tmp_path, model):
+    dataset = SyntheticImages(37)  # shards of 8: the last one holds 5 samples
+    store = record_tiny(tmp_path / "odd", dataset, batch_size=BATCH, shard_size=SHARD)
+    assert store.n_shards == 5 and store.shard_range(4) == (32, 37) and store.done.all()
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(dataset.images[28:37], names_filter=["hook_logits"])
+    np.testing.assert_allclose(store["hook_logits"][28:37], cache["hook_logits"].numpy(), rtol=1e-5, atol=1e-6)
+    assert [len(chunk) for _, chunk in store.iter_chunks("hook_logits", 16)] == [16, 16, 5]
+    assert store["hook_logits"][-1].shape == (10,)
+
+
+def test_identity_includes_the_token_layout_and_token_selections(store_copy, dataset):
+    store = ActivationStore(store_copy)
+    layout = {**store.meta["layout"], "grid": [2, 8]}
+    with pytest.raises(StoreMismatchError, match=r"token layout differs at grid\[0\]: store 4, model 2"):
+        store.check_compatible({"layout": layout}, source="model")
+    (store_copy / "shards" / "shard_00004.h5").unlink()
+    before = snapshot(store_copy)
+    hooks = {**HOOKS, "blocks.0.attn.hook_pattern": "all"}
+    with pytest.raises(StoreMismatchError, match=r"output set differs at blocks.0.attn.hook_pattern.tokens: "
+                                                 r"store \[0\], request None"):
+        record_tiny(store_copy, dataset, hooks=hooks, batch_size=BATCH, shard_size=SHARD)
+    assert snapshot(store_copy) == before
+
+
+def test_iter_chunks_refuses_sizes_below_one(recorded):
+    store = ActivationStore(recorded)
+    for size in (0, -5, 2.5):
+        with pytest.raises(ValueError, match="iter_chunks size must be a positive number of samples"):
+            list(store.iter_chunks("hook_logits", size))
+
+
+def test_tilde_paths_are_expanded(recorded, monkeypatch):
+    monkeypatch.setenv("HOME", str(recorded.parent))
+    assert ActivationStore("~/tiny").path == recorded
+
+
+def test_the_reader_imports_no_torch():
+    code = "import sys, vitlens.store; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------- a thousand shards
+@pytest.fixture(scope="module")
+def thousand(tmp_path_factory):
+    """A store of 1,000 one-sample shards of the logits, recorded once."""
+    path = tmp_path_factory.mktemp("thousand") / "store"
+    with mock.patch("os.fsync"):  # durability is not what this store is for: 1,000 fsyncs take long
+        vitlens.record(tiny_model(), SyntheticImages(1000), path, hooks="hook_logits", dtype="float32",
+                       batch_size=1, shard_size=1, progress=False).close()
+    return path
+
+
+def folder_state(path):
+    return {p.relative_to(path): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+def test_opening_and_refreshing_a_thousand_shards_opens_only_new_ones(thousand, tmp_path, monkeypatch):
+    path = tmp_path / "store"
+    shutil.copytree(thousand, path)
+    opened = []
+    h5_file = h5py.File
+    monkeypatch.setattr(h5py, "File", lambda name, *a, **k: opened.append(str(name)) or h5_file(name, *a, **k))
+    before = folder_state(path)
+    store = ActivationStore(path)
+    assert store.done.all() and opened == [] and store.shard_opens == 0  # index.json vouches for every shard
+    expected = store["hook_logits"][:]
+    opened.clear()  # the read opened the shards; refreshes must not
+    for shard in (3, 500, 999):
+        (path / "shards" / f"shard_{shard:05d}.h5").unlink()
+    before = folder_state(path)
+    store.refresh()
+    assert opened == [] and int(store.done.sum()) == 997
+    assert folder_state(path) == before  # a reader writes nothing into the store
+    vitlens.record(tiny_model(), SyntheticImages(1000), path, hooks="hook_logits", dtype="float32",
+                   batch_size=1, shard_size=1, progress=False).close()
+    opened.clear()
+    (path / "index.json").unlink()  # the new shards are then unknown to the reader: it opens exactly those
+    store.refresh()
+    assert sorted(opened) == [str(path / "shards" / f"shard_{s:05d}.h5") for s in (3, 500, 999)]
+    np.testing.assert_array_equal(store["hook_logits"][:], expected)
+    opened.clear()
+    store.refresh()
+    assert opened == []
