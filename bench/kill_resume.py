@@ -1,11 +1,13 @@
-"""Kill -9 the recorder at random moments, resume it each time, and compare with an uninterrupted run.
+"""Four writers on one store, SIGKILLed at random moments and restarted, then a resume; compare with an
+uninterrupted run.
 
 The recorder (``tests/helpers/record_tiny.py``: the tiny test model over synthetic images, slowed down by a
-few ms per image so kills land mid-run) runs in a subprocess that gets SIGKILL after a random delay, at
-least ``--kills`` times; then one last run finishes the store. The result must equal, bit for bit, a store
-recorded in one go, with no shard lost, duplicated or half-written.
+few ms per image so kills land mid-run) runs in ``--writers`` concurrent subprocesses; after a random delay
+one of them gets SIGKILL and a new writer takes its place, until ``--kills`` kills; then the writers finish
+and one last run resumes. The store must equal, bit for bit, one recorded in one go, with no shard lost,
+half-written or computed twice by live writers (checked in ``writes.log``).
 
-    python bench/kill_resume.py [--kills 20] [--images 1200] [--seed 0]
+    python bench/kill_resume.py [--kills 20] [--writers 4] [--images 1200] [--seed 0]
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ sys.path.insert(0, str(TESTS))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
-from helpers.tiny import SyntheticImages, assert_same_store, record_tiny  # noqa: E402
+from helpers.tiny import SyntheticImages, assert_same_store, check_log, record_tiny, write_log  # noqa: E402
 
 from vitlens import ActivationStore  # noqa: E402
 
@@ -38,6 +40,7 @@ def recorder(path: Path, images: int) -> subprocess.Popen:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--writers", type=int, default=4)
     parser.add_argument("--images", type=int, default=1200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -51,40 +54,42 @@ def main() -> None:
 
 
 def kill_and_resume(args, rng: random.Random, root: Path) -> None:
-    """Kill, resume, finish, compare (the stores live under `root`)."""
+    """Kill, restart, finish, resume, compare (the stores live under `root`)."""
     reference, path = root / "reference", root / "killed"
     record_tiny(reference, SyntheticImages(args.images), batch_size=4, shard_size=8).close()
-
-    kills, mid_shard, runs = 0, 0, 0
-    while kills < args.kills:
-        runs += 1
-        process = recorder(path, args.images)
-        process.stdout.readline()  # "recording": the interpreter is up
-        time.sleep(rng.uniform(0.0, 0.4))
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-            kills += 1
-        process.communicate()
-        if not (path / "store.json").exists():
-            print(f"kill {kills:2d}: before the store existed")
-            continue
-        partial = list((path / "shards").glob("*.tmp"))
-        mid_shard += bool(partial)
-        with ActivationStore(path) as store:  # checks every shard on disk
-            print(f"kill {kills:2d}: {int(store.done.sum()):5d} of {len(store)} samples in "
-                  f"{len(store.shards_on_disk())} complete shards" + (", a shard was half-written" if partial else ""))
-        if runs > 4 * args.kills:
-            sys.exit("the recording finished before it could be killed often enough; use more --images")
-
+    started = time.perf_counter()
+    writers = [recorder(path, args.images) for _ in range(args.writers)]
+    killed: set[int] = set()
+    while len(killed) < args.kills:
+        time.sleep(rng.uniform(0.0, 1.0))
+        alive = [w for w in writers if w.poll() is None]
+        if not alive:
+            sys.exit(f"the recording finished after {len(killed)} kills; use more --images")
+        victim = rng.choice(alive)
+        victim.send_signal(signal.SIGKILL)
+        victim.communicate()
+        killed.add(victim.pid)
+        writers.remove(victim)
+        writers.append(recorder(path, args.images))
+        with ActivationStore(path) as store:
+            print(f"kill {len(killed):2d}: {int(store.done.sum()):5d} of {len(store)} samples published")
+    for writer in writers:
+        _, err = writer.communicate()
+        if writer.returncode:
+            sys.exit(err)
     final = recorder(path, args.images)
     _, err = final.communicate()
     if final.returncode:
         sys.exit(err)
+    seconds = time.perf_counter() - started
     assert_same_store(path, reference)
-    leftovers = list((path / "shards").glob("*.tmp"))
+    check_log(path, killed)
+    leftovers = [p for p in (path / "shards").iterdir() if p.suffix != ".h5"]
     assert not leftovers, leftovers
-    print(f"{kills} kills ({mid_shard} in the middle of a shard), then a resume: the store equals the "
-          f"uninterrupted one bit for bit ({args.images} samples, no shard lost, duplicated or half-written)")
+    takeovers = sum(e["event"] == "takeover" for e in write_log(path))
+    print(f"{len(killed)} kills among {args.writers} writers ({takeovers} claims of killed writers taken over), "
+          f"then a resume, in {seconds:.0f} s: the store equals the uninterrupted one bit for bit "
+          f"({args.images} samples; no shard lost, half-written or computed twice by live writers)")
 
 
 if __name__ == "__main__":

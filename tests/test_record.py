@@ -1,6 +1,5 @@
 """The recorder: kill -9 and resume, two writers, a full disk, a read-only directory, bad hooks, reducers."""
 import errno
-import json
 import os
 import random
 import shutil
@@ -15,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers.tiny import SyntheticImages, assert_same_store, record_tiny, tiny_model
+from helpers.tiny import SyntheticImages, assert_same_store, check_log, record_tiny, tiny_model
 from timm.models.vision_transformer import VisionTransformer
 
 import vitlens
@@ -47,22 +46,6 @@ def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("reference")
     record_tiny(root / "40", SyntheticImages(40), batch_size=BATCH, shard_size=SHARD).close()
     return root
-
-
-def write_log(path) -> list[dict]:
-    return [json.loads(line) for line in (path / "writes.log").read_text().splitlines()]
-
-
-def check_log(path, killed: set[int]) -> None:
-    """Each shard published once; a shard claimed twice only after its earlier claimants were killed."""
-    events = write_log(path)
-    published = [e["shard"] for e in events if e["event"] == "publish"]
-    assert len(published) == len(set(published)), "a shard was published twice"
-    assert not [e for e in events if e["event"] == "duplicate"], "a shard was computed twice by live writers"
-    for shard in set(e["shard"] for e in events):
-        claimants = [e["writer"] for e in events if e["event"] == "claim" and e["shard"] == shard]
-        for writer in claimants[:-1]:
-            assert int(writer.split("-")[-2]) in killed, f"shard {shard} was claimed by live writers {claimants}"
 
 
 @pytest.mark.slow

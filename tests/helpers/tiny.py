@@ -1,6 +1,8 @@
 """A tiny random HookedViT and a synthetic image dataset, shared by the store tests and their subprocesses."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import torch
@@ -67,3 +69,19 @@ def assert_same_store(path, reference) -> None:
         assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
         assert a[name].tobytes() == b[name].tobytes(), f"{name} differs"
     assert ActivationStore(path).samples.equals(ActivationStore(reference).samples)
+
+
+def write_log(path) -> list[dict]:
+    return [json.loads(line) for line in (path / "writes.log").read_text().splitlines()]
+
+
+def check_log(path, killed: set[int]) -> None:
+    """Each shard published once; a shard claimed twice only after its earlier claimants were killed."""
+    events = write_log(path)
+    published = [e["shard"] for e in events if e["event"] == "publish"]
+    assert len(published) == len(set(published)), "a shard was published twice"
+    assert not [e for e in events if e["event"] == "duplicate"], "a shard was computed twice by live writers"
+    for shard in set(e["shard"] for e in events):
+        claimants = [e["writer"] for e in events if e["event"] == "claim" and e["shard"] == shard]
+        for writer in claimants[:-1]:
+            assert int(writer.split("-")[-2]) in killed, f"shard {shard} was claimed by live writers {claimants}"
