@@ -71,6 +71,9 @@ def kill_and_resume(args, rng: random.Random, root: Path) -> None:
         killed.add(victim.pid)
         writers.remove(victim)
         writers.append(recorder(path, args.images))
+        if not (path / "store.json").exists():
+            print(f"kill {len(killed):2d}: before the store existed")
+            continue
         with ActivationStore(path) as store:
             print(f"kill {len(killed):2d}: {int(store.done.sum()):5d} of {len(store)} samples published")
     for writer in writers:
