@@ -137,7 +137,7 @@ def _evaluate_arguments(parser) -> None:
 
 
 registry.command("", "evaluate", "score every explanation map of a store: faithfulness and localisation",
-                 "analyses.faithfulness:cli", _evaluate_arguments,
+                 "analyses.benchmark:cli", _evaluate_arguments,
                  description="Score the maps of STORE (and the random, centre and oracle baselines) with "
                              "deletion/insertion, AOPC, ROAD, Chefer's perturbation and the localisation metrics "
                              "against the dataset's masks. Resumable; writes STORE/results/evaluate.csv (per "

@@ -139,6 +139,26 @@ def test_token_removal_oracle_beats_random(scenes):
     assert study == pytest.approx(float(oracle_curve.sum() / (oracle_curve.max() * 36)))
 
 
+def test_token_removal_auc_per_image(scenes):
+    from analyses import saliency
+
+    model, images, masks, labels = scenes
+    images, masks, labels = images[:6], masks[:6], labels[:6]
+    per_image = fa.token_removal_auc(model, images, masks, labels)
+    # each image's AUC: the trapezoid over n / 36 of its own 0/1 keep-top-n curve, divided by the span
+    for b in range(len(images)):
+        curve = saliency.token_removal_curve(model, images[b:b + 1], labels[b:b + 1], masks[b:b + 1]).numpy()
+        assert set(np.unique(curve)) <= {0.0, 1.0}
+        x = np.arange(1, 36) / 36
+        expected = np.sum((curve[1:] + curve[:-1]) / 2 * np.diff(x)) / (x[-1] - x[0])
+        assert per_image[b].item() == pytest.approx(expected, abs=1e-6)
+    # linear: the mean over images is the batch curve's plain AUC
+    assert per_image.mean().item() == pytest.approx(fa.token_removal(model, images, masks, labels)[1], abs=1e-6)
+    # a pixel map is averaged over each patch first
+    pixels = masks.repeat_interleave(8, -2).repeat_interleave(8, -1)
+    torch.testing.assert_close(fa.token_removal_auc(model, images, pixels, labels), per_image)
+
+
 def test_bad_input(tiny):
     model, images, maps, target = tiny
     with pytest.raises(ValueError, match="token grid \\(4, 4\\)"):
@@ -198,6 +218,49 @@ def test_evaluate_store_tidy_table_and_resume(map_store):
     assert again.equals(table)
     figures = fa.plot(path)
     assert len(figures["curves"].data) > 0 and figures["table"].data[0].z.shape == (4, 6)
+
+
+def test_interrupted_evaluation_resumes_to_the_same_table(map_store, tmp_path, monkeypatch):
+    import shutil
+
+    from analyses import benchmark
+    from vitlens.store import ActivationStore
+
+    model, data, path = map_store
+    metrics = ["token_removal", "relevance_mass"]
+    copies = {}
+    for name in ("whole", "interrupted"):
+        copies[name] = tmp_path / name
+        shutil.copytree(path, copies[name], ignore=shutil.ignore_patterns("results"))
+    whole = fa.evaluate(copies["whole"], data, metrics=metrics, model=model, batch_size=4, progress=False)
+    # token_removal is each image's plain AUC of its keep-top-n curve
+    with ActivationStore(path) as store:
+        maps = torch.from_numpy(store["map.rollout"][:])
+    items = [data[i] for i in range(len(data))]
+    images, labels = torch.stack([i["image"] for i in items]), torch.tensor([i["label"] for i in items])
+    stored = whole[(whole.method == "rollout") & (whole.metric == "token_removal")].sort_values("index").value
+    np.testing.assert_allclose(stored.values, fa.token_removal_auc(model, images, maps, labels).numpy(), atol=1e-6)
+
+    compute, calls = benchmark.Scores.compute, []
+
+    def stop_at_the_second_batch(self, *args, **kwargs):  # call 1: the recorder's probe of the output shape
+        calls.append(self.method)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return compute(self, *args, **kwargs)
+
+    monkeypatch.setattr(benchmark.Scores, "compute", stop_at_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        fa.evaluate(copies["interrupted"], data, metrics=metrics, model=model, batch_size=4, progress=False)
+    monkeypatch.setattr(benchmark.Scores, "compute", lambda self, *args, **kwargs: calls.append(self.method)
+                        or compute(self, *args, **kwargs))
+    calls.clear()
+    again = fa.evaluate(copies["interrupted"], data, metrics=metrics, model=model, batch_size=4, progress=False)
+    # rollout's first batch was kept: 10 images are 3 batches of 4 (and a probe in a new store); 2 were left
+    assert calls == ["rollout"] * 2 + ["random"] * 4 + ["centre"] * 4 + ["oracle"] * 4
+    assert again.equals(whole)
+    assert ((copies["interrupted"] / "results" / "evaluate.csv").read_text()
+            == (copies["whole"] / "results" / "evaluate.csv").read_text())
 
 
 def test_evaluate_bad_input(map_store, tmp_path):
