@@ -4,14 +4,19 @@ vit-cls_emb compares the class-embedding projection with ridge probes trained on
 layer (±1 one-hot targets, ``sklearn Ridge(alpha=1.0, solver="lsqr")``, raw hidden vectors). The original
 runs the model once per token position and fits one sklearn model per position; here the features of every
 position and layer come from one forward per image (or from an :class:`~vitlens.ActivationStore` that holds
-them), and the ridge solve is one batched Cholesky solve over positions on the device. Both give the exact
-ridge solution; sklearn's lsqr stops at a tolerance of 1e-4, which moves predictions by about that much.
+them), and the ridge solve is one batched Cholesky solve over positions on the device: the exact ridge
+solution, which sklearn's lsqr only approaches (it stops at its default ``tol=1e-4``, about that far from it,
+enough to swap near-tied classes).
 
-- default: float32 solve; a token's rank counts the classes scored strictly above the label.
-- ``compat=True``: float64 solve (sklearn's numbers to its tolerance) and the original's rank, the label's
-  position in the sorted scores (ties in sort order, :func:`analyses.class_embedding.label_rank`); the
-  original computes it as ``999 - position in the ascending argsort``, which hard-codes 1000 classes (not
-  reproduced: ``C - 1`` is used).
+- default: the exact solve in float32; a token's rank counts the classes scored strictly above the label.
+- ``compat=True``: the original's numbers: one ``sklearn.linear_model.Ridge(alpha, solver="lsqr")`` per
+  position at its default settings, on the float32 features as the original: its early-stopped lsqr solution,
+  so a per-position sklearn loop over the same features gives the same scores (as slow as the original's fits,
+  but still one forward per image). float32 lsqr at tol=1e-4 is touchy: features from another path (unfused
+  attention, another batch size: last-bit changes) can move its scores by ~1e-3 and swap near-tied classes.
+  Then the original's rank, the label's position in the sorted scores (ties in sort order,
+  :func:`analyses.class_embedding.label_rank`); the original computes it as ``999 - position in the ascending
+  argsort``, which hard-codes 1000 classes (not reproduced: ``C - 1`` is used).
 """
 from __future__ import annotations
 
@@ -99,26 +104,42 @@ def extract_features(model, data, *, hook: str = "hook_resid_post", layers: Sequ
 
 def ridge_fit(features: torch.Tensor, targets: torch.Tensor, alpha: float = 1.0, *,
               compat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ridge regression with an intercept, solved exactly for every leading index at once.
+    """Ridge regression with an intercept for every leading index at once.
 
     Args:
         features: [*batch n d] (e.g. [pos n d_model]: one problem per position).
         targets: [n k] (shared by all problems).
+        compat: sklearn's ``Ridge(alpha, solver="lsqr")`` at its defaults, one fit per problem, on the CPU.
     Returns ``(weight [*batch d k], bias [*batch k])`` minimising ``|X W + b - Y|^2 + alpha |W|^2`` (sklearn's
-    ``Ridge(alpha)``), from the centred normal equations (``d x d``) or their dual (``n x n``), the smaller.
+    ``Ridge(alpha)``). Default: exact, in float32, from the centred normal equations (``d x d``) or their dual
+    (``n x n``), the smaller, on the features' device.
     """
-    dtype = torch.float64 if compat else torch.float32
-    X, Y = features.to(dtype), targets.to(device=features.device, dtype=dtype)
+    if compat:
+        return _sklearn_lsqr(features, targets, alpha)
+    X, Y = features.float(), targets.to(device=features.device, dtype=torch.float32)
     x_mean, y_mean = X.mean(-2, keepdim=True), Y.mean(0)
     Xc, Yc = X - x_mean, Y - y_mean
     n, d = X.shape[-2:]
+    eye = torch.eye(min(n, d), device=X.device)
     if d <= n:
-        gram = Xc.mT @ Xc + alpha * torch.eye(d, dtype=dtype, device=X.device)
-        weight = torch.cholesky_solve(Xc.mT @ Yc, torch.linalg.cholesky(gram))
+        weight = torch.cholesky_solve(Xc.mT @ Yc, torch.linalg.cholesky(Xc.mT @ Xc + alpha * eye))
     else:
-        kernel = Xc @ Xc.mT + alpha * torch.eye(n, dtype=dtype, device=X.device)
-        weight = Xc.mT @ torch.cholesky_solve(Yc.expand(*X.shape[:-1], Y.shape[-1]), torch.linalg.cholesky(kernel))
+        kernel = torch.linalg.cholesky(Xc @ Xc.mT + alpha * eye)
+        weight = Xc.mT @ torch.cholesky_solve(Yc.expand(*X.shape[:-1], Y.shape[-1]), kernel)
     return weight, y_mean - (x_mean @ weight).squeeze(-2)
+
+
+def _sklearn_lsqr(features: torch.Tensor, targets: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original's probes: ``Ridge(alpha, solver="lsqr").fit`` per leading index of `features` [*batch n d]
+    (float32 in, as the original's features), results on the features' device."""
+    from sklearn.linear_model import Ridge
+
+    X = features.detach().float().cpu().numpy()
+    Y = targets.detach().cpu().numpy()
+    fits = [Ridge(alpha=alpha, solver="lsqr").fit(x, Y) for x in X.reshape(-1, *X.shape[-2:])]
+    weight = torch.from_numpy(np.stack([fit.coef_.T for fit in fits])).reshape(*X.shape[:-2], X.shape[-1], -1)
+    bias = torch.from_numpy(np.stack([np.atleast_1d(fit.intercept_) for fit in fits])).reshape(*X.shape[:-2], -1)
+    return weight.to(features.device), bias.to(features.device)
 
 
 def probe_ranks(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], n_classes: int,
