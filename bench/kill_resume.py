@@ -32,9 +32,14 @@ from helpers.tiny import SyntheticImages, assert_same_store, check_log, record_t
 from vitlens import ActivationStore  # noqa: E402
 
 
-def recorder(path: Path, images: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "helpers.record_tiny", str(path), "--n", str(images),
-                             "--delay", "0.003"], cwd=TESTS, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def recorder(path: Path, images: int, ready: bool = False) -> subprocess.Popen:
+    """A writer subprocess; with `ready`, returns once its interpreter is up and it starts recording."""
+    process = subprocess.Popen([sys.executable, "-m", "helpers.record_tiny", str(path), "--n", str(images),
+                                "--delay", "0.003"], cwd=TESTS, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    if ready:
+        process.stdout.readline()  # "recording"
+    return process
 
 
 def main() -> None:
@@ -59,6 +64,8 @@ def kill_and_resume(args, rng: random.Random, root: Path) -> None:
     record_tiny(reference, SyntheticImages(args.images), batch_size=4, shard_size=8).close()
     started = time.perf_counter()
     writers = [recorder(path, args.images) for _ in range(args.writers)]
+    for writer in writers:
+        writer.stdout.readline()  # all up: kills land in the recording, not in the interpreter's start
     killed: set[int] = set()
     while len(killed) < args.kills:
         time.sleep(rng.uniform(0.0, 1.0))
@@ -70,7 +77,7 @@ def kill_and_resume(args, rng: random.Random, root: Path) -> None:
         victim.communicate()
         killed.add(victim.pid)
         writers.remove(victim)
-        writers.append(recorder(path, args.images))
+        writers.append(recorder(path, args.images, ready=True))
         if not (path / "store.json").exists():
             print(f"kill {len(killed):2d}: before the store existed")
             continue
