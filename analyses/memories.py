@@ -153,7 +153,7 @@ def key_value_agreement(store, model, kind: str, *, tokens: str | Sequence[int] 
                 hits[row, layer].index_add_(0, y, agree.sum(1).float())
     n_tokens = top.shape[2]
     count = torch.bincount(labels, minlength=n_classes).float() * n_tokens
-    rates = 100 * hits / count
+    rates = (100 * hits / count).double()
     present = count > 0
     layer_ids, class_ids = torch.meshgrid(torch.arange(n_layers), torch.arange(n_classes)[present], indexing="ij")
     return pd.DataFrame({"layer": layer_ids.flatten().numpy(), "class": class_ids.flatten().numpy(),
@@ -179,7 +179,7 @@ def composition(store, model, kind: str, *, tokens: str | Sequence[int] = "all")
         for layer, classes in enumerate(memory_class):
             matches[layer] += (classes[top[:, layer]] == predicted[:, layer, :, :1]).any(-1).sum()
         total += top.shape[0] * top.shape[2]
-    return pd.DataFrame({"layer": np.arange(model.cfg.n_layers), "rate": (100 * matches / total).numpy()})
+    return pd.DataFrame({"layer": np.arange(model.cfg.n_layers), "rate": (100 * matches / total).double().numpy()})
 
 
 def class_value_agreement(model, *, random_model=None, kinds: Sequence[str] = KINDS, seed: int = 0) -> pd.DataFrame:
@@ -195,7 +195,7 @@ def class_value_agreement(model, *, random_model=None, kinds: Sequence[str] = KI
         for layer in range(model.cfg.n_layers):
             top1 = value_cosines(model, layer, kind).max(1).values.cpu().numpy()
             baseline = value_cosines(random_model, layer, kind).max(1).values.cpu().numpy()
-            p_value = wilcoxon(top1, baseline, alternative="greater").pvalue
+            p_value = float(wilcoxon(top1, baseline, alternative="greater").pvalue)
             rows.append(pd.DataFrame({"kind": kind, "layer": layer, "class": np.arange(len(top1)), "cosine": top1,
                                       "random_cosine": baseline, "p_value": p_value}))
     return pd.concat(rows, ignore_index=True)
