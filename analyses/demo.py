@@ -41,12 +41,13 @@ def _tables(folder: Path, tables: dict[str, pd.DataFrame]) -> None:
         frame.to_csv(results / f"{name}.csv", index=False)
 
 
-def run_demo(out: str | Path = "cache/demo", *, device=None, n_per_class: int = 20, diffmask_steps: int = 300,
-             progress: bool = True) -> tuple[Path, pd.DataFrame]:
+def run_demo(out: str | Path = "cache/demo", *, device=None, n_per_class: int = 20, bench_per_class: int = 5,
+             diffmask_steps: int = 300, progress: bool = True) -> tuple[Path, pd.DataFrame]:
     """Run the whole pipeline into `out`; returns the report's path and a per-step table (step, seconds, status).
 
     `n_per_class` scenes of each of the 10 classes are analysed (the probes train on the first 10 of each
-    class, so at least 11); `diffmask_steps` training steps for the DiffMask gates.
+    class, so at least 11); the explanation maps and their benchmark use the first `bench_per_class` of each;
+    `diffmask_steps` training steps for the DiffMask gates.
     """
     import torch
 
@@ -65,6 +66,8 @@ def run_demo(out: str | Path = "cache/demo", *, device=None, n_per_class: int = 
     steps = _Steps(progress)
     model = vitlens.load_model(MODEL).to(device)
     data = load_dataset("scenes", model=model, mask_resize="area", n_per_class=n_per_class)
+    # The maps and their benchmark (about 40 forwards per image and method) run on the first scenes of each class.
+    bench_data = load_dataset("scenes", model=model, mask_resize="area", n_per_class=min(bench_per_class, n_per_class))
     recording, maps, gates = out / "class_embedding", out / "maps", out / "diffmask"
     results = recording / "results"
 
@@ -112,12 +115,13 @@ def run_demo(out: str | Path = "cache/demo", *, device=None, n_per_class: int = 
 
     steps("class-embedding saliency and token-removal curves", (results / "perturbation_auc.csv").exists(), removal)
     steps("DiffMask training", (gates / "diffmask.safetensors").exists(), lambda: train(
-        DiffMask(model), data, gates, max_steps=diffmask_steps, device=device, progress=progress))
+        DiffMask(model), data, gates, epochs=diffmask_steps, max_steps=diffmask_steps, device=device,
+        progress=progress))
     steps("explanation maps", (maps / "store.json").exists() and vitlens.ActivationStore(maps).done.all(),
-          lambda: explain.run(model, data, EXPLAIN_METHODS, maps, device=device, progress=progress,
+          lambda: explain.run(model, bench_data, EXPLAIN_METHODS, maps, device=device, progress=progress,
                               options={"diffmask": {"gates": str(gates / "diffmask.safetensors")}}))
     steps("faithfulness and localisation benchmark", (maps / "results" / "evaluate_summary.csv").exists(),
-          lambda: faithfulness.evaluate(maps, data, model=model, device=device, progress=progress))
+          lambda: faithfulness.evaluate(maps, bench_data, model=model, device=device, progress=progress))
     report: list[Path] = []
     steps("report", False, lambda: report.append(write_report(out, data=data, model=model,
                                                               title="vitlens demo: tiny-scenes on the scene set")))

@@ -12,24 +12,20 @@ import plotly.graph_objects as go
 N_IMAGES = 4  # images shown in the per-image views
 
 
-def image_rgb(study, index: int) -> np.ndarray | None:
-    """uint8 [H W 3] of sample `index` of the study's dataset (un-normalised), or None without a dataset."""
-    if study.data is None:
+def image_rgb(item: dict | None, data) -> np.ndarray | None:
+    """uint8 [H W 3] of a dataset item's image (un-normalised with the dataset's mean and std), or None."""
+    if item is None:
         return None
-    item = study.data[index]
-    image = item["image"].float()
-    config = getattr(study.data, "data_config", None) or {}
+    config = getattr(data, "data_config", None) or {}
     mean = np.asarray(config.get("mean", (0.5, 0.5, 0.5)), dtype=np.float32)[:, None, None]
     std = np.asarray(config.get("std", (0.5, 0.5, 0.5)), dtype=np.float32)[:, None, None]
-    pixels = np.clip((image.numpy() * std + mean) * 255, 0, 255).astype(np.uint8)
+    pixels = np.clip((item["image"].float().numpy() * std + mean) * 255, 0, 255).astype(np.uint8)
     return pixels.transpose(1, 2, 0)
 
 
-def token_mask(study, index: int) -> np.ndarray | None:
-    """[grid_h grid_w] object mask of sample `index` (None without masks)."""
-    if study.data is None:
-        return None
-    mask = study.data[index].get("token_mask")
+def token_mask(item: dict | None) -> np.ndarray | None:
+    """[grid_h grid_w] object mask of a dataset item (None without masks)."""
+    mask = None if item is None else item.get("token_mask")
     return None if mask is None else np.asarray(mask, dtype=np.float32)
 
 
@@ -75,7 +71,8 @@ def rank_heatmap(study, index: int = 0, output: str = "class_rank") -> go.Figure
     top5 = np.asarray(store["class_top5"][index]) if "class_top5" in store.outputs else None
     patches = np.asarray(layout.tokens("patches"))
     grid = tuple(layout.grid)
-    image, mask = image_rgb(study, index), token_mask(study, index)
+    item = study.item(store, index)
+    image, mask = image_rgb(item, study.data), token_mask(item)
     n_layers = ranks.shape[0]
     fig = go.Figure()
     per_layer = 2 if image is not None else 1
@@ -124,7 +121,7 @@ def attention_viewer(study, index: int = 0) -> str:
                 rows[f"{name.split('.')[1]}/{head}/{int(query)}"] = np.round(
                     pattern[head, position, patches].reshape(grid), 4).tolist()
     first_query = int(layout.cls_index) if layout.cls_index is not None else int(patches[0])
-    image = image_rgb(study, index)
+    image = image_rgb(study.item(store, index), study.data)
     fig = go.Figure(_grid_heatmap(np.asarray(rows[f"0/0/{first_query}"]), image, colorscale="Magma",
                                   hovertemplate="attention %{z:.3f}<extra>click: make this token the query</extra>"))
     fig.update_layout(title=f"{store.samples.sample_id[index]}: attention of the query token", height=520, width=560)
@@ -252,11 +249,11 @@ def explanation_maps(study) -> list:
     store = study.store_with(names[0])
     n = min(N_IMAGES, int(store.done.sum()))
     maps = {name[len("map."):]: torch.as_tensor(np.asarray(store[name][0:n]), dtype=torch.float32) for name in names}
-    if study.data is None:
+    items = [study.item(store, i) for i in range(n)]
+    if any(item is None for item in items):  # no dataset to show the maps over
         return [explain.plot(maps, torch.zeros(n, 3, *next(iter(maps.values())).shape[-2:]))]
-    images = torch.stack([study.data[i]["image"] for i in range(n)])
-    masks = torch.stack([torch.as_tensor(np.asarray(study.data[i]["token_mask"]), dtype=torch.float32)
-                         for i in range(n)]) if "token_mask" in study.data[0] else None
+    images = torch.stack([item["image"] for item in items])
+    masks = torch.stack([torch.as_tensor(token_mask(item)) for item in items]) if "token_mask" in items[0] else None
     return [explain.plot(maps, images, masks)]
 
 

@@ -134,11 +134,20 @@ def test_explorer_picks_an_image_and_a_layer(study, browser):
         page.get_by_role("option", name=re.compile("^digit5")).first.click()
         page.wait_for_function("z => JSON.stringify(document.getElementById('ranks').querySelector"
                                "('.js-plotly-plot').data[0].z) !== z", arg=layer0)
-        z = np.array(eval(heatmap()))  # the label's ranks of that image at layer 0, as the store has them
+        z = np.array(json.loads(heatmap()))  # the label's ranks of that image at layer 0, as the store has them
         store = Study(root).stores["recording"]
         index = int(np.flatnonzero(store.samples.sample_id.str.startswith("digit5/"))[0])
         patches = store.layout.tokens("patches").numpy()
         assert np.array_equal(z, store["class_rank"][index][0, patches].reshape(store.layout.grid))
+        # A click on a point of the dataset scatter opens that image.
+        before = heatmap()
+        point = page.locator("#scatter .point").nth(3)
+        point.scroll_into_view_if_needed()
+        point.click(force=True)
+        page.wait_for_function("z => JSON.stringify(document.getElementById('ranks').querySelector"
+                               "('.js-plotly-plot').data[0].z) !== z", arg=before)
+        opened = page.locator("#image").inner_text()
+        assert opened.startswith(str(store.samples.sample_id[3]))
         assert errors == []
         page.close()
     with pytest.raises(Exception):  # the server is down once the context exits

@@ -16,17 +16,23 @@ from vitlens.report import Study
 
 
 def image_stats(study: Study) -> dict[str, np.ndarray]:
-    """Per-image values for the scatter: ``identifiability`` (share of tokens with the label top-1 at the
-    last layer, from ``class_rank``), ``object_fraction`` (from the dataset's token masks, when given)."""
-    stats: dict[str, np.ndarray] = {}
-    store = study.store_with("class_rank")
-    if store is not None:
+    """Per-image values of the primary store's samples (:func:`primary`) for the scatter:
+    ``identifiability`` (share of tokens with the label top-1 at the last layer, from ``class_rank``) and
+    ``object_fraction`` (from the dataset's token masks, when given; NaN for samples not in the dataset)."""
+    store, stats = primary(study), {}
+    if "class_rank" in store.outputs:
         parts = [(chunk[:, -1] == 0).mean(axis=-1) for _, chunk in store.iter_chunks("class_rank", 1024)]
         stats["identifiability"] = np.concatenate(parts) if parts else np.zeros(0)
     if study.data is not None and "token_mask" in study.data[0]:
-        stats["object_fraction"] = np.array([float(np.asarray(study.data[i]["token_mask"]).mean())
-                                             for i in range(len(study.data))])
+        items = (study.item(store, i) for i in range(len(store)))
+        stats["object_fraction"] = np.array([np.nan if item is None else float(np.asarray(item["token_mask"]).mean())
+                                             for item in items])
     return stats
+
+
+def primary(study: Study):
+    """The store whose samples the explorer lists: the one with class ranks, else the outermost."""
+    return study.store_with("class_rank") or next(iter(study.stores.values()))
 
 
 def _heatmap(values: np.ndarray, title: str, colorscale: str) -> go.Figure:
@@ -36,24 +42,28 @@ def _heatmap(values: np.ndarray, title: str, colorscale: str) -> go.Figure:
     return fig
 
 
+def _note(text: str) -> go.Figure:
+    return go.Figure(layout=dict(title=text, height=380, width=420))
+
+
 def create_app(path, data=None):
-    """The Dash app over the study at `path` (a store or a folder of stores)."""
+    """The Dash app over the study at `path` (a store or a folder of stores). Images are picked by sample id;
+    each store is read at that sample's row, so stores over different subsets of the data work together."""
     from dash import Dash, Input, Output, dcc, html
 
     study = Study(path, data=data)
-    first = next(iter(study.stores.values()))
-    samples = first.samples
-    layout = first.layout
-    grid = tuple(layout.grid)
-    patches = np.asarray(layout.tokens("patches"))
-    ranks = study.store_with("class_rank")
+    main = primary(study)
+    samples = main.samples
+    grid = tuple(main.layout.grid)
+    patches = np.asarray(main.layout.tokens("patches"))
+    ranks = main if "class_rank" in main.outputs else None
     patterns = [n for n in study.outputs("blocks.") if n.endswith("attn.hook_pattern")]
     maps = study.outputs("map.")
     stats = image_stats(study)
-    n_layers = ranks.outputs["class_rank"].shape[0] if ranks is not None else int(first.meta["model"]["cfg"]["n_layers"])
-    n_heads = int(first.meta["model"]["cfg"]["n_heads"])
-    options = [{"label": f"{sid} (class {label})", "value": i}
-               for i, (sid, label) in enumerate(zip(samples.sample_id, samples.label))]
+    cfg = main.meta["model"]["cfg"]
+    n_layers, n_heads = int(cfg["n_layers"]), int(cfg["n_heads"])
+    options = [{"label": f"{sid} (class {label})", "value": str(sid)}
+               for sid, label in zip(samples.sample_id, samples.label)]
     classes = sorted(set(int(c) for c in samples.label))
 
     app = Dash(__name__, title="vitlens explorer")
@@ -61,7 +71,7 @@ def create_app(path, data=None):
         html.H2(f"vitlens explorer: {study.path}"),
         html.Div([
             html.Label("class"), dcc.Dropdown([{"label": str(c), "value": c} for c in classes], id="class"),
-            html.Label("image"), dcc.Dropdown(options, value=0, id="image", clearable=False),
+            html.Label("image"), dcc.Dropdown(options, value=options[0]["value"], id="image", clearable=False),
             html.Label("layer"), dcc.Slider(0, n_layers - 1, 1, value=n_layers - 1, id="layer"),
             html.Label("head"), dcc.Dropdown(list(range(n_heads)), value=0, id="head", clearable=False),
             html.Label("method"), dcc.Dropdown(maps, value=maps[0] if maps else None, id="method"),
@@ -71,63 +81,80 @@ def create_app(path, data=None):
         dcc.Graph(id="scatter"),
     ])
 
+    def read(name: str, sample_id: str):
+        """The stored row of `sample_id` for output `name`, or None when no store holds it."""
+        for store in study.stores.values():
+            row = study.row(store, sample_id) if name in store.outputs else None
+            if row is not None and store.done[row]:
+                return np.asarray(store[name][row])
+        return None
+
     @app.callback(Output("image", "options"), Input("class", "value"))
     def filter_images(label):
         return options if label is None else [o for o, c in zip(options, samples.label) if int(c) == label]
 
     @app.callback(Output("image", "value"), Input("scatter", "clickData"), prevent_initial_call=True)
     def open_clicked(click):
-        return int(click["points"][0]["customdata"])
+        return str(click["points"][0]["customdata"])
 
     @app.callback(Output("ranks", "figure"), Input("image", "value"), Input("layer", "value"))
-    def show_ranks(index, layer):
-        if ranks is None:
-            return go.Figure(layout=dict(title="no class_rank output: run `vitlens analyze identifiability`"))
-        row = np.asarray(ranks["class_rank"][int(index)])[int(layer), patches].reshape(grid)
-        return _heatmap(row, f"label rank, layer {layer}", "Viridis_r")
+    def show_ranks(sample_id, layer):
+        row = read("class_rank", sample_id) if ranks is not None else None
+        if row is None:
+            return _note("no class_rank for this image: run `vitlens analyze identifiability`")
+        return _heatmap(row[int(layer), patches].reshape(grid), f"label rank, layer {layer}", "Viridis_r")
 
     @app.callback(Output("attention", "figure"), Input("image", "value"), Input("layer", "value"),
                   Input("head", "value"))
-    def show_attention(index, layer, head):
+    def show_attention(sample_id, layer, head):
         name = f"blocks.{layer}.attn.hook_pattern"
-        if name not in patterns:
-            return go.Figure(layout=dict(title=f"{name} was not recorded"))
-        row = np.asarray(study.store_with(name)[name][int(index)])[int(head), 0, patches].reshape(grid)
-        return _heatmap(row, f"CLS attention, layer {layer} head {head}", "Magma")
+        pattern = read(name, sample_id) if name in patterns else None
+        if pattern is None:
+            return _note(f"{name} was not recorded for this image")
+        return _heatmap(pattern[int(head), 0, patches].reshape(grid), f"CLS attention, layer {layer} head {head}",
+                        "Magma")
 
     @app.callback(Output("map", "figure"), Input("image", "value"), Input("method", "value"))
-    def show_map(index, method):
-        if not method:
-            return go.Figure(layout=dict(title="no explanation maps: run `vitlens explain`"))
-        return _heatmap(np.asarray(study.store_with(method)[method][int(index)]), method, "Inferno")
+    def show_map(sample_id, method):
+        values = read(method, sample_id) if method else None
+        if values is None:
+            return _note("no explanation map for this image: run `vitlens explain`")
+        return _heatmap(values, method, "Inferno")
 
     @app.callback(Output("scatter", "figure"), Input("method", "value"))
     def show_scatter(method):
-        x = stats.get("object_fraction", np.arange(len(samples), dtype=float))
+        has_masks = "object_fraction" in stats
+        x = stats["object_fraction"] if has_masks else np.arange(len(samples), dtype=float)
         y, y_title = stats.get("identifiability"), "identifiability (last layer)"
-        if method and "object_fraction" in stats:
-            y, y_title = _relevance_mass(study, method, data), f"relevance mass of {method}"
+        if method and has_masks:
+            y, y_title = _relevance_mass(study, method, samples.sample_id), f"relevance mass of {method}"
         if y is None:
-            y, y_title = np.zeros(len(samples)), "(nothing to show)"
-        fig = go.Figure(go.Scatter(x=x[:len(y)], y=y, mode="markers", customdata=np.arange(len(y)),
-                                   text=list(samples.sample_id[:len(y)]), hovertemplate="%{text}<extra></extra>"))
-        fig.update_layout(xaxis_title="object fraction" if "object_fraction" in stats else "sample",
-                          yaxis_title=y_title, height=400, title="click a point to open its image")
+            y, y_title = np.full(len(samples), np.nan), "(nothing to show)"
+        fig = go.Figure(go.Scatter(x=x, y=y, mode="markers", customdata=list(samples.sample_id),
+                                   hovertemplate="%{customdata}<extra></extra>"))
+        fig.update_layout(xaxis_title="object fraction" if has_masks else "sample", yaxis_title=y_title,
+                          height=400, title="click a point to open its image")
         return fig
 
     return app
 
 
-def _relevance_mass(study: Study, method: str, data) -> np.ndarray:
-    """Share of each map's (non-negative) mass inside the object, on the token grid."""
+def _relevance_mass(study: Study, method: str, sample_ids) -> np.ndarray:
+    """Share of each map's (non-negative) mass inside the object, on the token grid; NaN where the map or
+    the mask is missing."""
     store = study.store_with(method)
     masses = []
-    for start, chunk in store.iter_chunks(method, 256):
-        for i, m in enumerate(np.clip(chunk, 0, None)):
-            mask = np.asarray(data[start + i]["token_mask"], dtype=np.float64)
-            if m.shape != mask.shape:  # a pixel-resolution map: pool it to the token grid
-                m = m.reshape(mask.shape[0], m.shape[0] // mask.shape[0], mask.shape[1], -1).mean(axis=(1, 3))
-            masses.append(float((m * (mask > 0.5)).sum() / max(m.sum(), 1e-12)))
+    for sample_id in sample_ids:
+        row = study.row(store, sample_id)
+        item = None if row is None else study.item(store, row)
+        if item is None or not store.done[row]:
+            masses.append(np.nan)
+            continue
+        m = np.clip(np.asarray(store[method][row], dtype=np.float64), 0, None)
+        mask = np.asarray(item["token_mask"], dtype=np.float64)
+        if m.shape != mask.shape:  # a pixel-resolution map: pool it to the token grid
+            m = m.reshape(mask.shape[0], m.shape[0] // mask.shape[0], mask.shape[1], -1).mean(axis=(1, 3))
+        masses.append(float((m * (mask > 0.5)).sum() / max(m.sum(), 1e-12)))
     return np.asarray(masses)
 
 

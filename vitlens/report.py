@@ -47,6 +47,8 @@ class Study:
                                     "sub-folders); record one with `vitlens record` or `vitlens demo`")
         self.stores = {str(p.relative_to(self.path)): ActivationStore(p) for p in folders}
         self.data, self.model = data, model
+        self._positions: dict[str, int] | None = None
+        self._rows: dict[Path, dict[str, int]] = {}
 
     def store_with(self, *outputs: str) -> ActivationStore | None:
         """The first store that has every one of `outputs` (recorded for at least one sample), or None."""
@@ -54,6 +56,21 @@ class Study:
             if all(name in store.outputs for name in outputs) and store.done.any():
                 return store
         return None
+
+    def item(self, store: ActivationStore, index: int) -> dict | None:
+        """The dataset item of sample `index` of `store` (matched by sample id), or None (no dataset, or the
+        sample is not in it)."""
+        if self.data is None:
+            return None
+        if self._positions is None:
+            self._positions = {str(s): i for i, s in enumerate(self.data.samples["sample_id"])}
+        position = self._positions.get(str(store.samples.sample_id[index]))
+        return None if position is None else self.data[position]
+
+    def row(self, store: ActivationStore, sample_id: str) -> int | None:
+        """The row of `sample_id` in `store`, or None when the store does not hold that sample."""
+        rows = self._rows.setdefault(store.path, {str(s): i for i, s in enumerate(store.samples.sample_id)})
+        return rows.get(str(sample_id))
 
     def outputs(self, prefix: str = "") -> list[str]:
         """Every output name in the study that starts with `prefix`."""
