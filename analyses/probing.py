@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from analyses.class_embedding import label_rank
-from vitlens.store import ActivationStore
+from vitlens.store import METADATA_FILE, ActivationStore
 
 HOOKS = ("hook_resid_post", "hook_attn_out", "hook_mlp_out")  # the original's hs-, attn- and mlp- layers
 
@@ -204,6 +204,8 @@ def cli(args) -> None:
     from vitlens.recorder import record
 
     model, data = load_inputs(args)
+    for name in ("train", "test"):
+        _check_probe_store(Path(args.store) / f"probe-{name}", args.hook)
     if args.train_data:
         train, test = load_dataset(args.train_data, model=model, n_per_class=args.train_per_class), data
     else:
@@ -212,3 +214,15 @@ def cli(args) -> None:
                      dtype="float32", batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
               for name, part in (("train", train), ("test", test))]
     write_tables(args.store, {"probes": run(model, *stores, hook=args.hook, compat=args.compat, device=args.device)})
+
+
+def _check_probe_store(path, hook: str) -> None:
+    """A probe store of the CLI that holds another hook: a ValueError naming --hook (record() would only say
+    that the output set differs)."""
+    if not (path / METADATA_FILE).exists():
+        return
+    with ActivationStore(path) as store:
+        held = sorted({name.split(".", 2)[-1] for name in store.keys() if name.startswith("blocks.")})
+    if held and hook not in held:
+        raise ValueError(f"{path} holds the probe features of {', '.join(held)}, not {hook}: pass --hook "
+                         f"{held[0]} to probe them, or another --store for --hook {hook}")

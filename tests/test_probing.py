@@ -1,5 +1,6 @@
 """Linear probes: the batched ridge equals sklearn's, one forward per image, stores and bad layers."""
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from sklearn.linear_model import Ridge
@@ -115,3 +116,31 @@ def test_split_per_class_keeps_the_first_images_of_each_class(splits):
     assert train[0]["sample_id"] == train.samples.sample_id[0]
     with pytest.raises(ValueError, match="train-per-class"):
         probing.split_per_class(data, 100)
+
+
+def test_cli_probes_writes_the_table_resumes_and_names_bad_input(tmp_path, capsys):
+    from vitlens.cli import main
+    from vitlens.data import load_dataset
+
+    store = tmp_path / "s"
+    args = ["analyze", "probes", "--store", str(store), "--n-per-class", "2", "--train-per-class", "1",
+            "--no-progress"]
+    assert main(args) == 0
+    assert "probes" in capsys.readouterr().out
+    written = pd.read_csv(store / "results" / "probes.csv")
+    assert list(written.columns) == ["layer", "token", "accuracy", "mean_rank"] and len(written) == 4 * 37
+    shards = sorted(p.stat().st_mtime_ns for p in store.glob("probe-*/shards/*"))
+    assert len(shards) >= 2
+    assert main(args) == 0  # resumed: both feature stores reused
+    assert sorted(p.stat().st_mtime_ns for p in store.glob("probe-*/shards/*")) == shards
+    pd.testing.assert_frame_equal(pd.read_csv(store / "results" / "probes.csv"), written)
+    model = vitlens.load_model("tiny-scenes")  # the first scene of each class trains, the second tests
+    data = load_dataset("scenes", model=model, n_per_class=2, mask_resize="area")
+    expected = probing.run(model, *probing.split_per_class(data, 1))
+    np.testing.assert_allclose(written[["accuracy", "mean_rank"]], expected[["accuracy", "mean_rank"]])
+    for bad, message in ((["--hook", "hook_mlp_out"], "hook_mlp_out"),  # the stores hold the residual stream
+                         (["--train-per-class", "2"], "--train-per-class")):
+        capsys.readouterr()
+        assert main(args + bad) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("vitlens: error:") and err.count("\n") == 1 and message in err, err
