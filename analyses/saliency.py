@@ -110,7 +110,7 @@ def importance(model, images: torch.Tensor, target: torch.Tensor, *, compat: boo
 def token_removal_curve(model, images: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, *,
                         order: str = "negative", n_keep: Sequence[int] | None = None,
                         batch_size: int = 256) -> torch.Tensor:
-    """Accuracy [len(n_keep)] when only the n best (or worst) patch tokens are kept, for each n.
+    """Accuracy (float64 [len(n_keep)]) when only the n best (or worst) patch tokens are kept, for each n.
 
     Args:
         images: [batch C H W]; labels: long [batch].
@@ -137,7 +137,7 @@ def token_removal_curve(model, images: torch.Tensor, labels: torch.Tensor, score
     place = torch.empty_like(order_index).scatter_(1, order_index, torch.arange(n_patches).expand_as(order_index))
     patches = layout.tokens("patches").to(images.device)
     labels = labels.to(images.device)
-    correct = torch.zeros(len(n_keep))
+    correct = torch.zeros(len(n_keep), dtype=torch.float64)
     per_call = max(1, batch_size // len(images))
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):

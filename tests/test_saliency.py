@@ -1,4 +1,6 @@
 """Class-embedding saliency against a closed form, token-removal curves against a plain loop, AUCs."""
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -118,7 +120,7 @@ def test_token_removal_curve_equals_a_plain_loop(scenes, order):
     curve = saliency.token_removal_curve(model, images, labels, scores, order=order, n_keep=[1, 4, 20, 36],
                                          batch_size=10)
     expected = [_plain_accuracy(model, images, labels, scores, n, order) for n in (1, 4, 20, 36)]
-    torch.testing.assert_close(curve, torch.tensor(expected))
+    torch.testing.assert_close(curve, torch.tensor(expected, dtype=torch.float64))
 
 
 def test_the_oracle_ordering_beats_random_on_the_scenes(scenes):
@@ -154,3 +156,85 @@ def test_bad_orders_and_scores_are_named(scenes):
         saliency.token_removal_curve(model, images[:1], labels[:1], torch.zeros(1, 36), order="up")
     with pytest.raises(ValueError, match="36 patches"):
         saliency.token_removal_curve(model, images[:1], labels[:1], torch.zeros(1, 30))
+
+
+@pytest.fixture(scope="module")
+def small_scenes():
+    """The bundled model and 2 scenes per class: the first of each class trains the probes, 10 are perturbed."""
+    model = vitlens.load_model("tiny-scenes")
+    return model, load_dataset("scenes", model=model, n_per_class=2, mask_resize="area")
+
+
+def test_run_curves_against_plain_loops_aucs_and_resume(small_scenes, tmp_path):
+    model, data = small_scenes
+    test_rows = [i for i in range(len(data)) if i not in data.samples.groupby("label").head(1).index]
+    items = [data[i] for i in test_rows]
+    images, labels = torch.stack([i["image"] for i in items]), torch.tensor([i["label"] for i in items])
+    masks = torch.stack([i["token_mask"] for i in items])
+    seen = []
+    handle = model.blocks[0].register_forward_hook(lambda module, inputs, out: seen.append(len(out)))
+    try:
+        curves, aucs = saliency.run(model, data, tmp_path / "s", train_per_class=1, n_perms=2, progress=False)
+        first = len(seen)
+        again = saliency.run(model, data, tmp_path / "s", train_per_class=1, n_perms=2, progress=False)
+    finally:
+        handle.remove()
+    assert first > 0 and len(seen) == first  # resumed: every curve read back, no forward
+    pd.testing.assert_frame_equal(again[0], curves)
+    pd.testing.assert_frame_equal(again[1], aucs)
+    assert list(curves.columns) == ["method", "order", "n_keep", "accuracy"]
+    assert list(aucs.columns) == ["method", "order", "auc_study", "auc"]
+    assert len(curves) == 4 * 2 * 35 and (tmp_path / "s" / "results" / "curves" / "oracle-negative.csv").exists()
+
+    def curve(method, order):
+        return curves[(curves.method == method) & (curves.order == order)].accuracy.to_numpy()
+
+    ns = [1, 5, 18, 35]
+    class_embedding = saliency.importance(model, images, labels)  # checked against the closed form above
+    permutations = [torch.randperm(36, generator=torch.Generator().manual_seed(p)) for p in range(2)]
+    for order in ("negative", "positive"):
+        for method, scores in (("oracle", masks.float()), ("class_embedding", class_embedding)):
+            expected = [_plain_accuracy(model, images, labels, scores, n, order) for n in ns]
+            np.testing.assert_allclose(curve(method, order)[[n - 1 for n in ns]], expected, err_msg=method)
+    random = [np.mean([_plain_accuracy(model, images, labels, (-torch.argsort(p).float()).expand(10, -1), n,
+                                       "negative") for p in permutations]) for n in ns]
+    np.testing.assert_allclose(curve("random", "negative")[[n - 1 for n in ns]], random)
+    np.testing.assert_array_equal(curve("random", "positive"), curve("random", "negative"))
+    for row in aucs.itertuples():  # sum / (max * N) with N = 36 patches; the trapezoid over n / N
+        accuracy = curve(row.method, row.order)
+        assert row.auc_study == pytest.approx(accuracy.sum() / (accuracy.max() * 36))
+        assert row.auc == pytest.approx(np.trapezoid(accuracy, np.arange(1, 36) / 36) / (34 / 36))
+
+
+def test_cli_saliency_writes_tables_and_refuses_a_model_without_class_token(small_scenes, tmp_path, capsys):
+    import timm
+
+    from vitlens.cli import main
+
+    model, data = small_scenes
+    store = tmp_path / "s"
+    args = ["analyze", "saliency", "--store", str(store), "--n-per-class", "2", "--train-per-class", "1",
+            "--methods", "class_embedding,random", "--n-perms", "2", "--no-progress"]
+    assert main(args) == 0
+    assert "perturbation_auc" in capsys.readouterr().out
+    aucs = pd.read_csv(store / "results" / "perturbation_auc.csv")
+    curves = pd.read_csv(store / "results" / "token_removal_curves.csv")
+    expected_curves, expected_aucs = saliency.run(model, data, train_per_class=1, n_perms=2, progress=False,
+                                                  methods=("class_embedding", "random"))
+    pd.testing.assert_frame_equal(curves, expected_curves)
+    pd.testing.assert_frame_equal(aucs, expected_aucs)
+    assert main(args) == 0  # resumed from STORE/results/curves: the same tables
+    pd.testing.assert_frame_equal(pd.read_csv(store / "results" / "perturbation_auc.csv"), aucs)
+
+    torch.manual_seed(0)  # a model without a class token (average pooling), as a model folder
+    gap = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48, patch_size=8, embed_dim=32,
+                            depth=1, num_heads=2, num_classes=10, class_token=False, global_pool="avg")
+    gap.pretrained_cfg = {**gap.pretrained_cfg, "input_size": (3, 48, 48), "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    timm.models.save_for_hf(gap, tmp_path / "gap", model_args=dict(img_size=48, patch_size=8, embed_dim=32, depth=1,
+                            num_heads=2, num_classes=10, class_token=False, global_pool="avg"))
+    capsys.readouterr()
+    bad = ["analyze", "saliency", "--store", str(tmp_path / "g"), "--model", f"local-dir:{tmp_path / 'gap'}",
+           "--n-per-class", "2", "--train-per-class", "1", "--methods", "class_embedding", "--no-progress"]
+    assert main(bad) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("vitlens: error:") and err.count("\n") == 1 and "no class token" in err, err
