@@ -7,7 +7,7 @@ one of them gets SIGKILL and a new writer takes its place, until ``--kills`` kil
 and one last run resumes. The store must equal, bit for bit, one recorded in one go, with no shard lost,
 half-written or computed twice by live writers (checked in ``writes.log``).
 
-    python bench/kill_resume.py [--kills 20] [--writers 4] [--images 1200] [--seed 0]
+    python bench/kill_resume.py [--kills 20] [--writers 4] [--images 1200] [--delay 0.01] [--seed 0]
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -32,13 +33,13 @@ from helpers.tiny import SyntheticImages, assert_same_store, check_log, record_t
 from vitlens import ActivationStore  # noqa: E402
 
 
-def recorder(path: Path, images: int, ready: bool = False) -> subprocess.Popen:
-    """A writer subprocess; with `ready`, returns once its interpreter is up and it starts recording."""
+def recorder(path: Path, images: int, delay: float) -> subprocess.Popen:
+    """A writer subprocess; ``process.ready`` is set once its interpreter is up and it starts recording."""
     process = subprocess.Popen([sys.executable, "-m", "helpers.record_tiny", str(path), "--n", str(images),
-                                "--delay", "0.003"], cwd=TESTS, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                "--delay", str(delay)], cwd=TESTS, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
-    if ready:
-        process.stdout.readline()  # "recording"
+    process.ready = threading.Event()
+    threading.Thread(target=lambda: process.stdout.readline() and process.ready.set(), daemon=True).start()
     return process
 
 
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--writers", type=int, default=4)
     parser.add_argument("--images", type=int, default=1200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--delay", type=float, default=0.01, help="seconds per image load (slows the writers)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rng = random.Random(args.seed)
@@ -63,21 +65,21 @@ def kill_and_resume(args, rng: random.Random, root: Path) -> None:
     reference, path = root / "reference", root / "killed"
     record_tiny(reference, SyntheticImages(args.images), batch_size=4, shard_size=8).close()
     started = time.perf_counter()
-    writers = [recorder(path, args.images) for _ in range(args.writers)]
-    for writer in writers:
-        writer.stdout.readline()  # all up: kills land in the recording, not in the interpreter's start
+    writers = [recorder(path, args.images, args.delay) for _ in range(args.writers)]
     killed: set[int] = set()
     while len(killed) < args.kills:
         time.sleep(rng.uniform(0.0, 1.0))
-        alive = [w for w in writers if w.poll() is None]
-        if not alive:
+        if all(w.poll() is not None for w in writers):
             sys.exit(f"the recording finished after {len(killed)} kills; use more --images")
-        victim = rng.choice(alive)
+        ready = [w for w in writers if w.poll() is None and w.ready.is_set()]  # kills land in the recording
+        if not ready:
+            continue
+        victim = rng.choice(ready)
         victim.send_signal(signal.SIGKILL)
         victim.communicate()
         killed.add(victim.pid)
         writers.remove(victim)
-        writers.append(recorder(path, args.images, ready=True))
+        writers.append(recorder(path, args.images, args.delay))
         if not (path / "store.json").exists():
             print(f"kill {len(killed):2d}: before the store existed")
             continue
@@ -87,7 +89,7 @@ def kill_and_resume(args, rng: random.Random, root: Path) -> None:
         _, err = writer.communicate()
         if writer.returncode:
             sys.exit(err)
-    final = recorder(path, args.images)
+    final = recorder(path, args.images, 0.0)
     _, err = final.communicate()
     if final.returncode:
         sys.exit(err)
