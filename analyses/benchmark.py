@@ -183,8 +183,9 @@ def evaluate(store, data, *, methods=None, metrics=None, model=None, steps: int 
     for method in [m for m in methods if m not in BASELINE_METHODS] + list(BASELINE_METHODS):
         scores = Scores(method, metrics, path, data, steps, baseline)
         out_path = path / "results" / "evaluate" / method
+        shard_size = None if (out_path / METADATA_FILE).exists() else batch_size  # an existing store keeps its own
         out = vitlens.record(model, data, out_path, computations=[scores], dtype="float32", batch_size=batch_size,
-                             shard_size=None if (out_path / METADATA_FILE).exists() else batch_size, device=device, progress=progress)
+                             shard_size=shard_size, device=device, progress=progress)
         with out:
             values = out[scores.name][:]
         frames.append(_tidy(values, method, metrics, samples))

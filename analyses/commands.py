@@ -8,24 +8,41 @@ from __future__ import annotations
 
 from vitlens import registry
 
+# --- flags shared by the commands below ---------------------------------------------------------------------
+
+
+def _study_inputs(parser, *, store: str, compat: str, data: str = "'scenes' (default) or an ImageNet-S root") -> None:
+    """--model (default tiny-scenes), --data (default scenes), --store (required) and --compat."""
+    parser.add_argument("--model", default="tiny-scenes", help="a model name for vitlens.load_model (default "
+                                                               "tiny-scenes)")
+    parser.add_argument("--data", default="scenes", help=data)
+    parser.add_argument("--store", required=True, help=store)
+    parser.add_argument("--compat", action="store_true", help=compat)
+
+
+def _run_arguments(parser, *, batch_size: int, split: bool = True) -> None:
+    """The flags of every dataset-scale run: --split (ImageNet-S), --n-per-class, --batch-size, --device and
+    --no-progress."""
+    if split:
+        parser.add_argument("--split", default="validation", help="dataset split (ImageNet-S)")
+    parser.add_argument("--n-per-class", type=int, default=None, help="only the first N images of each class")
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--device", default=None, help="default: cuda:$LOCAL_RANK when available, else cpu")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 # --- class_embedding -------------------------------------------------------------------------------------
 registry.reducer("class_rank", "analyses.class_embedding:ClassRankReducer")
 
 
 def _study_arguments(parser) -> None:
     """The flags shared by the class-embedding study's commands (identifiability, perturbations)."""
-    parser.add_argument("--model", default="tiny-scenes", help="a model name for vitlens.load_model (default "
-                                                               "tiny-scenes)")
-    parser.add_argument("--data", default="scenes", help="'scenes' (default) or an ImageNet-S root")
-    parser.add_argument("--store", required=True, help="the store directory; tables go to STORE/results/*.csv")
-    parser.add_argument("--compat", action="store_true", help="reproduce vit-cls_emb's numbers, bugs included "
-                                                              "(ties, GAP's first token, comp, mixed token sets)")
+    _study_inputs(parser, store="the store directory; tables go to STORE/results/*.csv",
+                  compat="reproduce vit-cls_emb's numbers, bugs included (ties, GAP's first token, comp, mixed "
+                         "token sets)")
     parser.add_argument("--mask-resize", choices=("nearest", "area"), default=None,
                         help="token masks: default area for the scenes, nearest (the study's) otherwise")
-    parser.add_argument("--n-per-class", type=int, default=None, help="only the first N images of each class")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _run_arguments(parser, batch_size=32, split=False)
 
 
 def _identifiability_arguments(parser) -> None:
@@ -125,21 +142,19 @@ def _evaluate_arguments(parser) -> None:
                                                         "store); the baselines random, centre and oracle always run")
     parser.add_argument("--metrics", default=None, help="comma-separated metrics (default deletion, insertion, aopc, "
                                                         "road_morf, pointing_game, relevance_mass, relevance_rank, "
-                                                        "pixel_accuracy, miou, map)")
+                                                        "pixel_accuracy, miou, map; also road_lerf, positive, "
+                                                        "negative, token_removal, attribution_localisation, "
+                                                        "top_k_intersection, roc_auc)")
     parser.add_argument("--steps", type=int, default=20, help="deletion/insertion steps (default 20)")
     parser.add_argument("--baseline", default="zero", help="what removed patches become: zero, black, mean, blur, "
                                                            "uniform (default zero)")
-    parser.add_argument("--split", default="validation", help="dataset split (ImageNet-S)")
-    parser.add_argument("--n-per-class", type=int, default=None, help="only the first N images of each class")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default=None, help="default: cuda:$LOCAL_RANK when available, else cpu")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _run_arguments(parser, batch_size=16)
 
 
 registry.command("", "evaluate", "score every explanation map of a store: faithfulness and localisation",
                  "analyses.benchmark:cli", _evaluate_arguments,
                  description="Score the maps of STORE (and the random, centre and oracle baselines) with "
-                             "deletion/insertion, AOPC, ROAD, Chefer's perturbation and the localisation metrics "
+                             "deletion/insertion, AOPC, ROAD, Chefer's perturbation, token removal and the localisation metrics "
                              "against the dataset's masks. Resumable; writes STORE/results/evaluate.csv (per "
                              "image) and evaluate_summary.csv (means with bootstrap 95% intervals, by class and "
                              "mask size) and prints the method x metric table.")
@@ -154,9 +169,6 @@ def _train_diffmask_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="directory for diffmask.safetensors, train_state.pt, log.csv")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many batches")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--split", default="validation", help="dataset split (ImageNet-S)")
-    parser.add_argument("--n-per-class", type=int, default=None, help="use only the first N images of each class")
     parser.add_argument("--alpha", type=float, default=20.0, help="initial Lagrange multiplier")
     parser.add_argument("--lr", type=float, default=2e-5, help="gate learning rate")
     parser.add_argument("--lr-placeholder", type=float, default=1e-3)
@@ -171,8 +183,7 @@ def _train_diffmask_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=123)
     parser.add_argument("--checkpoint-every", type=int, default=200, help="batches between checkpoints")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _run_arguments(parser, batch_size=32)
 
 
 registry.command("", "train-diffmask", "train Vision DiffMask gates for a model on a dataset (resumable)",
@@ -186,25 +197,19 @@ registry.command("", "train-diffmask", "train Vision DiffMask gates for a model 
 
 
 def _explain_arguments(parser) -> None:
-    parser.add_argument("--model", default="tiny-scenes", help="a model name for vitlens.load_model (default tiny-scenes)")
-    parser.add_argument("--data", default="scenes", help="'scenes' (default), an ImageNet-S root or an image folder")
-    parser.add_argument("--store", required=True, help="the store directory (maps go to map.<method> outputs; the "
-                                                       "summary to STORE/results/explain.csv)")
+    _study_inputs(parser, data="'scenes' (default), an ImageNet-S root or an image folder",
+                  store="the store directory (maps go to map.<method> outputs; the summary to "
+                        "STORE/results/explain.csv)",
+                  compat="reproduce the original implementations' numbers, quirks included")
     parser.add_argument("--methods", default="rollout,grad_rollout,chefer,vit_cx",
                         help="comma-separated methods (default rollout,grad_rollout,chefer,vit_cx)")
     parser.add_argument("--option", action="append", default=[], metavar="[METHOD.]NAME=VALUE",
                         help="a method option, e.g. head_fusion=max or rollout.discard_ratio=0.5; repeatable")
     parser.add_argument("--gates", default=None, metavar="PATH", help="DiffMask gates file (the diffmask method's "
                                                                       "gates option)")
-    parser.add_argument("--compat", action="store_true", help="reproduce the original implementations' numbers, "
-                                                              "quirks included")
     parser.add_argument("--target", choices=("label", "predicted"), default="label",
                         help="explain each image's label (default) or the model's top class")
-    parser.add_argument("--split", default="validation", help="dataset split (ImageNet-S)")
-    parser.add_argument("--n-per-class", type=int, default=None, help="only the first N images of each class")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default=None, help="default: cuda:$LOCAL_RANK when available, else cpu")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _run_arguments(parser, batch_size=16)
 
 
 registry.command("", "explain", "explanation maps (rollout, gradient rollout, Chefer, ViT-CX, ...) into a store",

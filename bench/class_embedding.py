@@ -12,40 +12,20 @@ Ratios of throughput (images/s), higher is better:
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
 from pathlib import Path
 
-import pandas as pd
-import timm
 import torch
 
-from common import device_and_dtype, print_ratio, sync, time_interleaved
+from common import (RandomImages, device_and_dtype, parse_args, print_ratio, random_vit, set_fused_attn, sync,
+                    time_interleaved)
 from analyses import class_embedding
-from vitlens import HookedViT
-
-
-class Images(torch.utils.data.Dataset):
-    """`n` random images in the vitlens item format, 5 per class as in the study."""
-
-    def __init__(self, n: int, size: int):
-        generator = torch.Generator().manual_seed(0)
-        self.images = torch.randn(n, 3, size, size, generator=generator)
-        self.samples = pd.DataFrame({"sample_id": [f"img{i}" for i in range(n)], "label": [i // 5 for i in range(n)]})
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return {"image": self.images[i], "label": int(self.samples.label[i]), "sample_id": self.samples.sample_id[i]}
 
 
 def study_loop(vit, images: torch.Tensor, labels: torch.Tensor, device, folder: Path) -> None:
     """vit-cls_emb's extractor (§A4): per class of 5 images, capture then project and save, eager attention."""
-    for module in vit.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = False  # timm >= 0.9 needs it for the study's FX softmax node
+    set_fused_attn(vit, False)  # timm >= 0.9 needs it for the study's FX softmax node
     captured = {}
     handles = []
     for b, block in enumerate(vit.blocks):
@@ -70,22 +50,16 @@ def study_loop(vit, images: torch.Tensor, labels: torch.Tensor, device, folder: 
     finally:
         for handle in handles:
             handle.remove()
-        for module in vit.modules():
-            if hasattr(module, "fused_attn"):
-                module.fused_attn = True
+        set_fused_attn(vit, True)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=None, help="default 16 on the CPU, 1280 on a GPU")
-    parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
+    args = parse_args(__doc__, images=(16, 1280), repeats=2)
     device, _, batch = device_and_dtype()
-    n = args.images or (1280 if device.type == "cuda" else 16)
-    torch.manual_seed(0)
-    model = HookedViT.from_timm(timm.create_model("vit_base_patch16_224", pretrained=False)).to(device)
-    data = Images(n, 224)
-    images, labels = data.images.to(device), torch.tensor(data.samples.label.to_list())
+    n = args.images
+    _, model = random_vit(device)
+    data = RandomImages(n, per_class=5)  # 5 per class, as the study
+    images, labels = data.images.to(device), data.labels
     root = Path(tempfile.mkdtemp(prefix="vitlens-bench-ce-"))
     counter = iter(range(10 ** 6))
 

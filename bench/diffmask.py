@@ -10,13 +10,12 @@ and batch 256 (tiny) / 64 (ViT-B) on a CUDA GPU. Two ratios each (higher is bett
 """
 from __future__ import annotations
 
-import argparse
 
 import timm
 import torch
 import torch.nn.functional as F
 
-from common import device_and_dtype, print_ratio, time_interleaved
+from common import device_and_dtype, parse_args, print_ratio, time_interleaved
 from analyses.diffmask import DiffMask, Trainer
 from vitlens import HookedViT, load_model
 
@@ -55,10 +54,8 @@ def bench(name: str, model: HookedViT, batch: int, device, dtype, repeats: int) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-base", action="store_true", help="only the tiny model")
-    args = parser.parse_args()
+    args = parse_args(__doc__, repeats=3, extra=lambda parser: parser.add_argument(
+        "--no-base", action="store_true", help="only the tiny model"))
     device, dtype, batch = device_and_dtype()
     torch.manual_seed(0)
     bench("tiny-scenes", load_model("tiny-scenes"), batch, device, dtype, args.repeats)

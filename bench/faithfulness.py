@@ -11,23 +11,18 @@ bf16 autocast when a GPU is present.
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from analyses import faithfulness
-from common import device_and_dtype, print_ratio, time_interleaved
+from common import device_and_dtype, parse_args, print_ratio, time_interleaved
 from vitlens import load_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=None, help="default 2 on the CPU, 64 on a GPU")
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--no-quantus", action="store_true")
-    args = parser.parse_args()
+    args = parse_args(__doc__, images=(2, 64), repeats=1,
+                      extra=lambda parser: parser.add_argument("--no-quantus", action="store_true"))
     device, dtype, batch = device_and_dtype()
-    n = args.images or (64 if device.type == "cuda" else 2)
+    n = args.images
     torch.manual_seed(0)
     model = load_model("vit_base_patch16_224", pretrained=False).to(device).eval()
     images = torch.randn(n, 3, 224, 224, device=device)

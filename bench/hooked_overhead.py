@@ -9,20 +9,13 @@ batch 256 on a CUDA GPU. Two ratios each (higher is better, 1.0 = no overhead):
 """
 from __future__ import annotations
 
-import argparse
 import copy
 
 import timm
 import torch
 
-from common import device_and_dtype, print_ratio, time_interleaved
+from common import device_and_dtype, parse_args, print_ratio, set_fused_attn, time_interleaved
 from vitlens import HookedViT, load_model
-
-
-def set_fused(vit: torch.nn.Module, fused: bool) -> None:
-    for module in vit.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = fused
 
 
 def bench(name: str, model: HookedViT, batch: int, device, dtype, repeats: int) -> None:
@@ -41,7 +34,7 @@ def bench(name: str, model: HookedViT, batch: int, device, dtype, repeats: int) 
         return call
 
     timm_eager = copy.deepcopy(vit)
-    set_fused(timm_eager, False)
+    set_fused_attn(timm_eager, False)
 
     times = time_interleaved({"timm": run(vit), "hooked": run(model), "timm_eager": run(timm_eager),
                               "hooked_pattern": run(patterned)}, device, repeats=repeats)
@@ -53,9 +46,7 @@ def bench(name: str, model: HookedViT, batch: int, device, dtype, repeats: int) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = parse_args(__doc__, repeats=5)
     device, dtype, batch = device_and_dtype()
     torch.manual_seed(0)
     bench("tiny-scenes", load_model("tiny-scenes"), batch, device, dtype, args.repeats * 100)

@@ -11,33 +11,17 @@ token) it runs every training and test image through the model one at a time, ke
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
-import timm
 import torch
 from sklearn.linear_model import Ridge
 
-from common import device_and_dtype, print_ratio, sync
+from common import RandomImages, device_and_dtype, parse_args, print_ratio, random_vit, sync
 from analyses import probing
-from vitlens import HookedViT
 
 
-class Images(torch.utils.data.Dataset):
-    def __init__(self, n: int, seed: int):
-        generator = torch.Generator().manual_seed(seed)
-        self.images = torch.randn(n, 3, 224, 224, generator=generator)
-        self.labels = torch.randint(0, 1000, (n,), generator=generator)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i], "label": int(self.labels[i])}
-
-
-def original_pair(vit, train: Images, test: Images, layer: int, token: int, device) -> None:
+def original_pair(vit, train: RandomImages, test: RandomImages, layer: int, token: int, device) -> None:
     """One (layer, token) probe the original's way: a forward per image, one sklearn Ridge."""
     features = {}
     handle = vit.blocks[layer].register_forward_hook(lambda m, i, out: features.update(x=out))
@@ -61,17 +45,12 @@ def original_pair(vit, train: Images, test: Images, layer: int, token: int, devi
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=None, help="training (and test) images; default 16 on "
-                                                                   "the CPU, 1000 on a GPU")
-    parser.add_argument("--pairs", type=int, default=2, help="(layer, token) pairs of the original timed")
-    args = parser.parse_args()
+    args = parse_args(__doc__, images=(16, 1000), extra=lambda parser: parser.add_argument(
+        "--pairs", type=int, default=2, help="(layer, token) pairs of the original timed"))
     device, _, batch = device_and_dtype()
-    n = args.images or (1000 if device.type == "cuda" else 16)
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_base_patch16_224", pretrained=False).eval().to(device)
-    model = HookedViT.from_timm(vit)
-    train, test = Images(n, 1), Images(n, 2)
+    n = args.images  # training images, and as many test images
+    vit, model = random_vit(device)
+    train, test = RandomImages(n, seed=1), RandomImages(n, seed=2)
 
     sync(device)
     start = time.perf_counter()

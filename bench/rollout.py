@@ -11,15 +11,12 @@ give the same maps. Goal on a GPU: >= 20x.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 
-import timm
 import torch
 
 import analyses
-from common import device_and_dtype, print_ratio, time_interleaved
-from vitlens import HookedViT
+from common import device_and_dtype, parse_args, print_speedup, random_vit, set_fused_attn, time_interleaved
 
 
 def original_style(vit, images: torch.Tensor, ratio: float = 0.9) -> torch.Tensor:
@@ -53,24 +50,19 @@ def original_style(vit, images: torch.Tensor, ratio: float = 0.9) -> torch.Tenso
     return torch.stack(maps)
 
 
+def sharpen(vit) -> None:
+    """Scale the query and key weights by 4, so that random attention is peaked enough for rollout to be tested."""
+    for block in vit.blocks:
+        block.attn.qkv.weight[: 2 * vit.embed_dim] *= 4
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=None, help="default 16 on the CPU, 64 on a GPU")
-    args = parser.parse_args()
+    args = parse_args(__doc__, images=(16, 64), repeats=3)
     device, _, _ = device_and_dtype()
-    batch = args.batch or (64 if device.type == "cuda" else 16)
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
-    with torch.no_grad():
-        for block in vit.blocks:
-            block.attn.qkv.weight[: 2 * vit.embed_dim] *= 4
-    vit = vit.to(device)
-    model = HookedViT.from_timm(vit)
+    batch = args.images
+    vit, model = random_vit(device, edit=sharpen)
     eager = copy.deepcopy(vit)
-    for module in eager.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = False
+    set_fused_attn(eager, False)
     images = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1)).to(device)
 
     def batched():
@@ -79,11 +71,9 @@ def main() -> None:
     difference = (batched().cpu() - original_style(eager, images)).abs().max().item()
     times = time_interleaved({"original": lambda: original_style(eager, images), "batched": batched}, device,
                              repeats=args.repeats, warmup=0)
-    print(f"vit_base_patch16_224 rollout (max, 0.9), batch {batch}, {device.type}: per image "
-          f"original {1000 * times['original'] / batch:.1f} ms, batched {1000 * times['batched'] / batch:.1f} ms; "
-          f"max |map difference| {difference:.2e}")
-    print_ratio("batched rollout / per-image vit-explain loop (throughput)", times["original"] / times["batched"],
-                20.0)
+    print_speedup(f"vit_base_patch16_224 rollout (max, 0.9), batch {batch}, {device.type}", times, batch,
+                  "batched rollout / per-image vit-explain loop (throughput)", 20.0, unit="ms",
+                  note=f"; max |map difference| {difference:.2e}")
 
 
 if __name__ == "__main__":

@@ -11,16 +11,13 @@ loop, the noise drawn after ``torch.manual_seed``, forwards in chunks of ``gpu_b
 """
 from __future__ import annotations
 
-import argparse
 import copy
 
-import timm
 import torch
 
 import analyses
 from analyses.vit_cx import channel_masks, cluster_labels, cluster_masks, cosine_distance
-from common import device_and_dtype, print_ratio, time_interleaved
-from vitlens import HookedViT
+from common import device_and_dtype, parse_args, print_speedup, random_vit, time_interleaved
 
 
 def original_style(vit, images: torch.Tensor, seed: int = 0, gpu_batch: int = 50) -> torch.Tensor:
@@ -62,15 +59,10 @@ def original_style(vit, images: torch.Tensor, seed: int = 0, gpu_batch: int = 50
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=None, help="default 2 on the CPU, 16 on a GPU")
-    parser.add_argument("--repeats", type=int, default=1)
-    args = parser.parse_args()
+    args = parse_args(__doc__, images=(2, 16), repeats=1)
     device, _, _ = device_and_dtype()
-    n = args.images or (16 if device.type == "cuda" else 2)
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_base_patch16_224", pretrained=False).eval().to(device)
-    model = HookedViT.from_timm(vit)
+    n = args.images
+    vit, model = random_vit(device)
     images = torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(1)).to(device)
     _, masks = analyses.vit_cx.vit_cx_masks(model, images, compat=True)
     state = torch.get_rng_state()
@@ -88,11 +80,9 @@ def main() -> None:
     torch.set_rng_state(state)
     difference = (results["batched"] - results["original"]).abs().max().item()
     scale = results["original"].abs().max().item()
-    print(f"vit_base_patch16_224 ViT-CX, {n} images, K = {[len(m) for m in masks]}, {device.type}: per image "
-          f"original {times['original'] / n:.2f} s, batched {times['batched'] / n:.2f} s; "
-          f"max |map difference| {difference:.2e} (maps up to {scale:.2e})")
-    print_ratio("batched ViT-CX / per-image original structure (throughput)", times["original"] / times["batched"],
-                5.0)
+    print_speedup(f"vit_base_patch16_224 ViT-CX, {n} images, K = {[len(m) for m in masks]}, {device.type}", times, n,
+                  "batched ViT-CX / per-image original structure (throughput)", 5.0,
+                  note=f"; max |map difference| {difference:.2e} (maps up to {scale:.2e})")
 
 
 if __name__ == "__main__":
