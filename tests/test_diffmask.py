@@ -339,3 +339,51 @@ def test_train_diffmask_command_writes_gates_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert main(argv + ["--epochs", "0"]) == 1
     assert "vitlens: error: --epochs must be at least 1" in capsys.readouterr().err
+
+
+def test_train_diffmask_on_the_toy_task_from_the_command_line(tmp_path, capsys):
+    from vitlens.cli import main
+
+    out = tmp_path / "toy"
+    argv = ["train-diffmask", "--model", "toy-count-3x3", "--data", "toy", "--out", str(out), "--n-per-class", "4",
+            "--batch-size", "8", "--max-steps", "2", "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "mask mass on the red cells" in printed and len((out / "log.csv").read_text().splitlines()) == 1 + 4
+    model = pretrained_toy_vit()  # the gates are for the shipped counting ViT, its data the counting task
+    gates = DiffMask.load(model, out / "diffmask.safetensors")
+    grids = CountingTask(40, model=model, seed=123)  # --n-per-class 4 x 10 counts, --seed's default
+    reference = CountingTask(40, 3, 4, seed=123)  # the task's own 0.5/0.5 normalisation, the model's grid
+    assert torch.equal(grids[7]["image"], reference[7]["image"])
+    images = torch.stack([reference[i]["image"] for i in range(40)])
+    with torch.no_grad():  # the shipped ViT counts these grids (it was trained on this normalisation)
+        assert (model(images).argmax(-1) == torch.tensor(reference.samples.label)).float().mean() > 0.9
+    assert gates.mask(images).shape == (40, 3, 3)
+
+
+def test_explain_diffmask_from_the_command_line_with_trained_gates(model, tmp_path, capsys):
+    from vitlens.cli import main
+    from vitlens.data import load_dataset
+
+    out = tmp_path / "gates"
+    assert main(["train-diffmask", "--model", "tiny-scenes", "--data", "scenes", "--out", str(out), "--n-per-class",
+                 "1", "--batch-size", "5", "--max-steps", "2", "--lr", "1e-2", "--warmup", "1", "--no-progress"]) == 0
+    store = tmp_path / "maps"
+    argv = ["explain", "--methods", "diffmask", "--gates", str(out / "diffmask.safetensors"), "--store", str(store),
+            "--n-per-class", "1", "--no-progress"]
+    assert main(argv) == 0
+    assert (store / "results" / "explain.csv").exists()
+    data = load_dataset("scenes", model=model, n_per_class=1)
+    images = torch.stack([data[i]["image"] for i in range(len(data))])
+    expected = DiffMask.load(model, out / "diffmask.safetensors").mask(images)  # [10 6 6]
+    with vitlens.ActivationStore(store) as maps:
+        assert list(maps.samples.sample_id) == list(data.samples.sample_id)
+        written = torch.from_numpy(maps["map.diffmask"][:]).float()
+    torch.testing.assert_close(written.reshape(expected.shape), expected, atol=1e-3, rtol=0)  # as stored
+    assert not torch.allclose(expected, DiffMask(model).mask(images))  # the trained gates, not fresh ones
+    capsys.readouterr()
+    toy = tmp_path / "toy-gates.safetensors"
+    DiffMask(pretrained_toy_vit()).save(toy)  # gates for another width and depth
+    assert main(argv[:4] + [str(toy)] + argv[5:] + ["--store", str(tmp_path / "other")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("vitlens: error:") and err.count("\n") == 1 and "d_model 32" in err and "d_model 64" in err

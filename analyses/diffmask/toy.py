@@ -72,10 +72,13 @@ class CountingTask(Dataset):
 
 def toy_vit(grid: int = 3, patch: int = 8, *, embed_dim: int = 32, depth: int = 2, num_heads: int = 2,
             seed: int = 0) -> HookedViT:
-    """A small randomly initialised CLS-pooling ViT with one token per cell and grid²+1 count classes."""
+    """A small randomly initialised CLS-pooling ViT with one token per cell and grid²+1 count classes; its data
+    config is the task's (mean and std 0.5), so ``CountingTask(model=...)`` makes its inputs."""
     torch.manual_seed(seed)
     vit = VisionTransformer(img_size=grid * patch, patch_size=patch, num_classes=grid * grid + 1,
                             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=2)
+    vit.pretrained_cfg = {"input_size": (3, grid * patch, grid * patch), "mean": (0.5,) * 3, "std": (0.5,) * 3,
+                          "crop_pct": 1.0, "interpolation": "nearest"}
     return HookedViT.from_timm(vit, tag=f"toy-count-{grid}x{grid}")
 
 
@@ -99,6 +102,7 @@ def fit(model: HookedViT, dataset: Dataset, *, epochs: int = 10, batch_size: int
 
 
 TOY_WEIGHTS = Path(__file__).with_name("toy_count_3x3.safetensors")
+TOY_MODEL = "toy-count-3x3"  # the shipped counting ViT's name for `vitlens train-diffmask --model`
 TOY_RECIPE = {"grid": 3, "patch": 4, "n": 1000, "epochs": 10, "batch_size": 32, "lr": 3e-3, "seed": 0}
 
 

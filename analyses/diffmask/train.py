@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .model import DiffMask
 
 STATE_FILE, GATES_FILE, LOG_FILE = "train_state.pt", "diffmask.safetensors", "log.csv"
+TOY_DATA = "toy"  # `--data toy`: the counting task (:mod:`.toy`)
 ALPHA_RANGE = (0.0, 200.0)
 
 
@@ -199,14 +200,13 @@ def _checkpoint(out: Path, diffmask: DiffMask, trainer: Trainer, step: int, rows
 
 def main(args: argparse.Namespace) -> None:
     """``vitlens train-diffmask``: train (or resume) gates for --model on --data into --out."""
-    from vitlens.data import load_dataset
-    from vitlens.zoo import load_model
+    from .evaluate import run
+    from .toy import CountingTask
 
     for flag in ("epochs", "batch_size", "checkpoint_every"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    model = load_model(args.model)
-    dataset = load_dataset(args.data, args.split, model=model, n_per_class=args.n_per_class)
+    model, dataset = _inputs(args)
     diffmask = DiffMask(model, mul_activation=args.mul_activation, add_activation=args.add_activation,
                         placeholder=not args.no_placeholder, alpha=args.alpha)
     log = train(diffmask, dataset, args.out, epochs=args.epochs, max_steps=args.max_steps,
@@ -216,4 +216,25 @@ def main(args: argparse.Namespace) -> None:
                 weighted_layers=args.weighted_layers, compat=args.compat)
     summary = log[log.phase == "gates"].groupby("layer")[["kl", "l0", "acc", "alpha"]].mean()
     print(summary.to_string(float_format=lambda v: f"{v:.4f}"))
+    if args.data == TOY_DATA:  # the known answer: the mask's share on the red cells against their share
+        held_out = run(diffmask, CountingTask(200, model=model, seed=args.seed + 1))
+        held_out = held_out[held_out.area > 0]
+        print(f"toy task, 200 held-out grids: mask mass on the red cells {held_out.relevance.mean():.3f}, "
+              f"their area {held_out.area.mean():.3f}")
     print(f"gates: {Path(args.out) / GATES_FILE}")
+
+
+def _inputs(args: argparse.Namespace):
+    """(model, dataset) of ``vitlens train-diffmask``: ``--model toy-count-3x3`` is the shipped counting ViT,
+    ``--data toy`` the counting task on the model's grid (``--n-per-class`` grids per count, default 1000 in
+    all, seeded with ``--seed``); else :func:`vitlens.load_model` and :func:`vitlens.data.load_dataset`."""
+    from vitlens.data import load_dataset
+    from vitlens.zoo import load_model
+
+    from .toy import TOY_MODEL, CountingTask, pretrained_toy_vit
+
+    model = pretrained_toy_vit() if args.model == TOY_MODEL else load_model(args.model)
+    if args.data != TOY_DATA:
+        return model, load_dataset(args.data, args.split, model=model, n_per_class=args.n_per_class)
+    n = 1000 if args.n_per_class is None else args.n_per_class * (model.layout.n_patches + 1)
+    return model, CountingTask(n, model=model, seed=args.seed)
