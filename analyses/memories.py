@@ -185,9 +185,9 @@ def composition(store, model, kind: str, *, tokens: str | Sequence[int] = "all")
 def class_value_agreement(model, *, random_model=None, kinds: Sequence[str] = KINDS, seed: int = 0) -> pd.DataFrame:
     """Per kind, layer and class, the top-1 cosine between the class embedding and any value vector.
 
-    `random_model` (default: timm's random init of the same architecture, seeded with `seed`) gives the baseline; ``p_value`` (one per
-    kind and layer) is the one-sided Wilcoxon signed-rank test, over classes, that the model's cosines
-    exceed the random model's. Columns ``kind, layer, class, cosine, random_cosine, p_value``.
+    `random_model` (default: timm's random init of the same architecture, seeded with `seed`) gives the
+    baseline; ``p_value`` (one per kind and layer) is the one-sided Wilcoxon signed-rank test, over classes,
+    that the model's cosines exceed the random model's. Columns ``kind, layer, class, cosine, random_cosine, p_value``.
     """
     random_model = random_init(model, seed) if random_model is None else random_model
     rows = []

@@ -37,7 +37,8 @@ class CountingTask(Dataset):
         mean, std: normalisation (the original's 0.5 and 0.5 map colours to -1 and 1).
     """
 
-    def __init__(self, n: int = 1000, grid: int | tuple[int, int] = 3, patch: int = 16, *, model: HookedViT | None = None,
+    def __init__(self, n: int = 1000, grid: int | tuple[int, int] = 3, patch: int = 16, *,
+                 model: HookedViT | None = None,
                  seed: int = 0, mean: float = 0.5, std: float = 0.5):
         if model is not None:
             grid, patch = model.layout.grid, model.vit.patch_embed.patch_size[0]
