@@ -38,8 +38,7 @@ class CountingTask(Dataset):
     """
 
     def __init__(self, n: int = 1000, grid: int | tuple[int, int] = 3, patch: int = 16, *,
-                 model: HookedViT | None = None,
-                 seed: int = 0, mean: float = 0.5, std: float = 0.5):
+                 model: HookedViT | None = None, seed: int = 0, mean: float = 0.5, std: float = 0.5):
         if model is not None:
             grid, patch = model.layout.grid, model.vit.patch_embed.patch_size[0]
             mean, std = torch.tensor(model.data_config["mean"]), torch.tensor(model.data_config["std"])
