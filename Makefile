@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Any torch build for your machine; CI pins TORCH="torch==2.14.1 torchvision==0.29.1".
 TORCH ?= torch torchvision
 
-.PHONY: demo test
+.PHONY: demo install test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,8 @@ demo: $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 	$(BIN)/vitlens demo
 
-test: $(BIN)/python
+install: $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[test]"
+
+test: install
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
