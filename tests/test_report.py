@@ -182,3 +182,21 @@ def test_cli_report_writes_the_file(study, tmp_path):
     assert main(["report", str(root), "--data", "scenes", "--out", str(out)]) == 0
     text = out.read_text()
     assert 'id="tokens"' in text and "Plotly.newPlot" in text and '<script src="http' not in text
+
+
+@needs_browser
+def test_demo_report_renders_a_plot_in_every_section(demo, browser):
+    report, _, _ = demo
+    page, errors = open_page(browser, report.as_uri())
+    page.wait_for_selector(".js-plotly-plot .main-svg")
+    sections = page.locator("section").all()
+    assert len(sections) >= 8
+    for section in sections:
+        name = section.get_attribute("id")
+        assert section.locator(".missing").count() == 0, name
+        assert section.locator(".js-plotly-plot .main-svg").count() > 0, name
+    assert errors == []
+    ARTEFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTEFACTS / "demo_report.png"), full_page=True)
+    page.close()
+
