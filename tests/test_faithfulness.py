@@ -277,3 +277,124 @@ def test_evaluate_bad_input(map_store, tmp_path):
     empty.close()
     with pytest.raises(ValueError, match="no explanation maps"):
         fa.evaluate(tmp_path / "plain", data, model=model)
+
+
+def test_baselines_equal_plain_definitions(tiny):
+    from scipy.ndimage import gaussian_filter
+
+    model, images, _, _ = tiny
+    images = images.double()
+    # Petsiuk's blur: a Gaussian of sigma 5 cut at 5 px (kernel 11), torch's 'reflect' padding = scipy's 'mirror'
+    blurred = gaussian_filter(images.numpy(), sigma=(0, 0, 5, 5), truncate=1.0, mode="mirror")
+    np.testing.assert_allclose(fa.baseline_images(images, "blur").numpy(), blurred, atol=1e-10)
+    mean = fa.baseline_images(images, "mean")
+    torch.testing.assert_close(mean[1, 2, 7, 3], images[1, 2].mean())
+    config = {"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.5)}
+    black = fa.baseline_images(images, "black", data_config=config)
+    torch.testing.assert_close(black[2, :, 0, 0], torch.tensor([-2.5, -1.6, -0.6], dtype=torch.double))
+    noise = fa.baseline_images(images, "uniform")  # DiffMask: torch.manual_seed(123), uniform in [-1, 1]
+    with torch.random.fork_rng():
+        torch.manual_seed(123)
+        expected = torch.rand(3, 32, 32) * 2 - 1
+    torch.testing.assert_close(noise, expected.double().expand_as(images))
+    with pytest.raises(ValueError, match="data_config"):
+        fa.baseline_images(images, "black")
+
+
+def plain_pixel_curve(model, images, maps, target, counts, order, fill, output="probability"):
+    """One forward per image and count: the map upsampled bilinearly, `count` pixels removed (most or least
+    relevant first, ties in raster order), filled by fill(image, removed [H W] bool)."""
+    curves = []
+    for x, m, t in zip(images, maps, target):
+        values = torch.nn.functional.interpolate(m[None, None], size=x.shape[-2:], mode="bilinear")[0, 0].flatten()
+        sign = -1 if order == "morf" else 1
+        ranked = sorted(range(len(values)), key=lambda i: sign * float(values[i]))
+        points = []
+        for count in counts:
+            removed = torch.zeros(len(values), dtype=torch.bool)
+            removed[ranked[:count]] = True
+            with torch.no_grad():
+                logits = model(fill(x, removed.view(x.shape[-2:]))[None])[0]
+            points.append(float(logits.argmax() == t) if output == "accuracy" else logits.softmax(-1)[t].item())
+        curves.append(points)
+    return torch.tensor(curves)
+
+
+def test_positive_negative_equals_a_per_step_loop(tiny):
+    model, images, maps, _ = tiny
+    with torch.no_grad():
+        predicted = model(images).argmax(-1)
+    config = model.data_config
+    black = (-torch.tensor(config["mean"]) / torch.tensor(config["std"]))[:, None]
+
+    def zero_pixels(x, removed):  # Chefer: the pixel set to 0 before normalisation
+        out = x.clone()
+        out[:, removed] = black.expand(3, int(removed.sum()))
+        return out
+
+    counts = [round(k * 1024 / 10) for k in range(10)]  # 0, 10, ..., 90%
+    for output in ("probability", "accuracy"):
+        ours = fa.positive_negative(model, images, maps, predicted, output=output, batch_size=7)
+        for name, order in (("positive", "morf"), ("negative", "lerf")):
+            expected = plain_pixel_curve(model, images, maps, predicted, counts, order, zero_pixels, output)
+            torch.testing.assert_close(ours[name].curves, expected, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(ours[name].auc.numpy(), np.trapezoid(expected.numpy(), np.arange(10) / 10),
+                                       atol=1e-5)
+    assert (ours["positive"].curves[:, 0] == 1).all()  # the unperturbed image is classified as predicted
+
+
+def test_road_equals_a_per_step_loop(tiny):
+    model, images, maps, target = tiny
+    percentages = (10, 35, 90)
+
+    def impute(x, removed):  # noise 0: the neighbour equations alone (checked above), one image at a time
+        return fa.noisy_linear_imputation(x[None], removed[None], noise=0.0)[0]
+
+    counts = [round(p / 100 * 1024) for p in percentages]
+    for order in ("morf", "lerf"):
+        ours = fa.road(model, images, maps, target, percentages=percentages, order=order, output="probability",
+                       noise=0.0, batch_size=4)
+        expected = plain_pixel_curve(model, images, maps, target, counts, order, impute)
+        torch.testing.assert_close(ours.curves, expected, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(ours.auc.numpy(), np.trapezoid(expected.numpy(), np.array(percentages) / 100),
+                                   atol=1e-5)
+    with pytest.raises(ValueError, match="percentages"):
+        fa.road(model, images, maps, target, percentages=(0, 50))
+
+
+def test_compat_reproduces_the_diffmask_notebook_curves(tiny):
+    """DiffMask's quantitative_comparison: keep the bottom ("positive") or top ("negative") keep_k pixels for
+    keep_k = N, N - N/28, ..., 0, the rest uniform noise in [-1, 1] re-seeded with 123; "acc" = the mean softmax
+    probability of the predicted class, "KLD" = the mean of its -log; AUC np.trapz with unit spacing."""
+    model, images, _, _ = tiny
+    maps = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        predicted = model(images).argmax(-1)
+    n, steps = 32 * 32, 16
+    for name, order in (("positive", "morf"), ("negative", "lerf")):
+        probabilities = []
+        for x, a, c in zip(images, maps, predicted):
+            ranked = a.flatten().argsort()  # ascending
+            curve = []
+            for keep_k in range(n, -1, -n // steps):
+                kept = ranked[:keep_k] if name == "positive" else ranked[n - keep_k:]
+                with torch.random.fork_rng():
+                    torch.manual_seed(123)
+                    noisy = torch.rand_like(x) * 2 - 1
+                keep = torch.zeros(n, dtype=torch.bool)
+                keep[kept] = True
+                with torch.no_grad():
+                    curve.append(model(torch.where(keep.view(32, 32), x, noisy)[None]).softmax(-1)[0, c].item())
+            probabilities.append(curve)
+        probabilities = np.array(probabilities)
+        acc, kld = probabilities.mean(0), (-np.log(probabilities)).mean(0)
+        options = dict(steps=steps, level="pixel", baseline="uniform", order=order, compat=True)
+        ours_acc = fa.deletion(model, images, maps, predicted, output="probability", **options)
+        ours_kld = fa.deletion(model, images, maps, predicted, output="cross_entropy", **options)
+        np.testing.assert_allclose(ours_acc.curves.mean(0).numpy(), acc, atol=1e-5)
+        np.testing.assert_allclose(ours_kld.curves.mean(0).numpy(), kld, atol=1e-4)
+        assert ours_acc.auc.mean().item() == pytest.approx(np.trapezoid(acc), abs=1e-4)
+        assert ours_kld.auc.mean().item() == pytest.approx(np.trapezoid(kld), abs=1e-3)
+        # the default AUC is the same trapezoid over the removed fraction in [0, 1]
+        assert fa.deletion(model, images, maps, predicted, output="probability", **{**options, "compat": False}
+                           ).auc.mean().item() == pytest.approx(np.trapezoid(acc) / steps, abs=1e-5)
