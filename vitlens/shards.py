@@ -34,6 +34,7 @@ from vitlens.store import (INDEX_FILE, LOG_FILE, METADATA_FILE, SCHEMA_VERSION, 
 CLAIM_TIMEOUT = 120.0  # seconds without a heartbeat after which a claim of a writer on another host expires
 HEARTBEAT = 10.0
 _TEMPORARY = re.compile(r"^\.shard_(\d+)\.h5\.(.+)\.tmp$")
+_CLAIM = re.compile(r"^shard_(\d+)\.claim$")
 
 
 def library_versions() -> dict[str, str]:
@@ -201,14 +202,20 @@ class Claims:
 
 
 def remove_dead_temporaries(store: ActivationStore, claims: Claims) -> list[Path]:
-    """Delete the temporary shard files whose writer holds no live claim on their shard (killed runs)."""
+    """Delete what killed writers left: temporary shard files whose writer holds no live claim on their
+    shard, and expired claims on shards that are published."""
     removed = []
     for entry in os.scandir(store.path / SHARD_DIR):
-        match = _TEMPORARY.match(entry.name)
-        if not match:
+        if match := _TEMPORARY.match(entry.name):
+            owner = claims.owner(int(match.group(1)))
+            dead = owner is None or owner[0].get("writer") != match.group(2) or not claims.alive(*owner)
+        elif match := _CLAIM.match(entry.name):
+            shard = int(match.group(1))
+            owner = claims.owner(shard)
+            dead = owner is not None and store.shard_path(shard).exists() and not claims.alive(*owner)
+        else:
             continue
-        owner = claims.owner(int(match.group(1)))
-        if owner is None or owner[0].get("writer") != match.group(2) or not claims.alive(*owner):
+        if dead:
             Path(entry.path).unlink(missing_ok=True)
             removed.append(Path(entry.path))
     return removed
