@@ -215,13 +215,15 @@ class MapComputation(Computation):
 
 def run(model, data, methods: str | Sequence[str], store, *, options: Mapping[str, Mapping[str, Any]] | None = None,
         compat: bool = False, target: str = "label", batch_size: int = 16, device=None, num_workers: int = 0,
-        progress: bool = True):
+        shard_size: int | None = None, progress: bool = True):
     """Write every method's maps over the dataset `data` into the store at `store` (``map.<method>`` outputs).
 
     The recorder (:func:`vitlens.record`) does the work: resumable (running again computes only the missing
-    shards), a progress bar, and under ``torchrun`` each rank writes its own shards. `options` maps a method
+    shards), a progress bar, and under ``torchrun`` each rank writes its own shards (shards s with
+    s % WORLD_SIZE == RANK; `shard_size` samples each, default the recorder's). `options` maps a method
     name to its options. Returns a pandas DataFrame with one row per method: method, output, resolution,
-    h, w, samples, nan (maps with a NaN), compat, target, options.
+    h, w, samples (recorded so far: all, unless other ranks are still writing), nan (maps with a NaN), compat,
+    target, options.
     """
     import pandas as pd
 
@@ -234,15 +236,16 @@ def run(model, data, methods: str | Sequence[str], store, *, options: Mapping[st
         raise ValueError(f"options given for {stray}, which are not among the methods {names}")
     computations = [MapComputation(name, options.get(name), compat, target) for name in names]
     opened = record(model, data, store, computations=computations, dtype="float32", batch_size=batch_size,
-                    device=device, num_workers=num_workers, progress=progress)
+                    device=device, num_workers=num_workers, shard_size=shard_size, progress=progress)
+    done = opened.done.nonzero()[0]  # one torchrun rank may return before the others have written theirs
     rows = []
     for computation in computations:
         spec = get_method(computation.method)
         h, w = computation.shape(model)
-        nan = sum(int(torch.from_numpy(chunk).isnan().flatten(1).any(1).sum())
-                  for _, chunk in opened.iter_chunks(computation.name, 256))
+        nan = sum(int(torch.from_numpy(opened[computation.name][done[i:i + 256]]).isnan().flatten(1).any(1).sum())
+                  for i in range(0, len(done), 256))
         rows.append({"method": computation.method, "output": computation.name, "resolution": spec.resolution,
-                     "h": h, "w": w, "samples": len(opened), "nan": nan, "compat": compat, "target": target,
+                     "h": h, "w": w, "samples": len(done), "nan": nan, "compat": compat, "target": target,
                      "options": ", ".join(f"{k}={v}" for k, v in computation.options.items())})
     return pd.DataFrame(rows)
 

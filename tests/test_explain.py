@@ -113,3 +113,20 @@ def test_cli(tmp_path, capsys):
     assert cli.main(["explain", "--store", str(tmp_path / "x"), "--methods", "rollout",
                      "--option", "fusion=max"]) == 1
     assert "vitlens: error: --option 'fusion=max'" in capsys.readouterr().err
+
+
+def test_run_under_torchrun_each_rank_writes_its_own_shards(model, tmp_path, monkeypatch):
+    data = SyntheticImages(n=8, seed=5)
+    path = tmp_path / "ranks"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("0", "1"):  # the two torchrun ranks, one after the other
+        monkeypatch.setenv("RANK", rank)
+        table = analyses.explain.run(model, data, ["rollout"], path, batch_size=2, shard_size=2, progress=False)
+        with ActivationStore(path) as store:
+            done = store.done.copy()
+        assert done.sum() == table.samples[0] == (4 if rank == "0" else 8)
+        if rank == "0":  # shards 0 and 2 of 4: samples 0, 1, 4, 5
+            assert done.tolist() == [True, True, False, False, True, True, False, False]
+    with ActivationStore(path) as store:
+        maps = torch.from_numpy(store["map.rollout"][:])
+    torch.testing.assert_close(maps, analyses.explain(model, data.images, "rollout"))
