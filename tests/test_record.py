@@ -19,7 +19,6 @@ from timm.models.vision_transformer import VisionTransformer
 
 import vitlens
 from vitlens import ActivationStore, HookedViT, NotRecordedError, StoreMismatchError, UnknownHookError
-from vitlens.cli import main
 from analyses.class_embedding import ClassRankReducer
 from vitlens.recorder import RecordingInterrupted, _Capture
 from vitlens.shards import ShardWriter
@@ -300,28 +299,6 @@ def test_class_rank_ignores_the_forward_autocast(thousand_classes):
         ClassRankReducer(precision="float16")
 
 
-def test_cli_record_then_info(tmp_path, monkeypatch, capsys, reference):
-    monkeypatch.setattr("vitlens.zoo.load_model", lambda name: tiny_model())
-    monkeypatch.setattr("vitlens.data.load_dataset", lambda name, split, model, n_per_class: SyntheticImages(40))
-    args = ["record", "tiny", "synthetic", str(tmp_path / "cli"), "--hook", "blocks.*.hook_resid_post",
-            "--hook", "blocks.0.attn.hook_pattern=cls", "--hook", "hook_logits", "--class-rank", "--dtype",
-            "float32", "--batch-size", "4", "--shard-size", "8", "--num-workers", "0", "--no-progress"]
-    assert main(args) == 0
-    assert "40 of 40 recorded" in capsys.readouterr().out
-    assert_same_store(tmp_path / "cli", reference / "40")
-    assert main([arg.replace("float32", "float16") for arg in args]) == 1
-    assert "dtype differs" in capsys.readouterr().err
-    bfloat16_ranks = args[:args.index("--class-rank") + 1] + ["bfloat16"] + args[args.index("--class-rank") + 1:]
-    assert main(bfloat16_ranks) == 1
-    assert "precision" in capsys.readouterr().err
-    for command in (["--help"], ["record", "--help"], ["store", "--help"], ["store", "info", "--help"],
-                    ["store", "rebuild", "--help"]):
-        with pytest.raises(SystemExit) as exit_info:
-            main(command)
-        assert exit_info.value.code == 0
-        assert "usage: vitlens" in capsys.readouterr().out
-
-
 @pytest.mark.parametrize("options, message", [
     (dict(batch_size=0), "batch_size must be a positive number of images, got 0"),
     (dict(shard_size=0), "shard_size must be a positive number of samples, or None.*got 0"),
@@ -367,15 +344,6 @@ def test_resume_lists_the_shards_once(tmp_path, monkeypatch):
     monkeypatch.setattr(ActivationStore, "shards_on_disk", lambda self: calls.append(1) or listing(self))
     record_tiny(tmp_path / "store", SyntheticImages(40), batch_size=BATCH, shard_size=BATCH).close()  # 10 shards
     assert len(calls) <= 3  # creating the store, finding the shards to do, the final refresh
-
-
-def test_cli_reports_an_unsupported_model(monkeypatch, capsys, tmp_path):
-    def unsupported(name):
-        raise vitlens.UnsupportedModelError("blocks[0] is a ParallelBlock; HookedViT supports Block")
-
-    monkeypatch.setattr("vitlens.zoo.load_model", unsupported)
-    assert main(["record", "odd-model", "synthetic", str(tmp_path / "store"), "--hook", "hook_logits"]) == 1
-    assert "vitlens: error: blocks[0] is a ParallelBlock" in capsys.readouterr().err
 
 
 class InputGradient(vitlens.Computation):
