@@ -123,8 +123,11 @@ def _token_index(model, tokens: str | Sequence[int]) -> torch.Tensor | None:
 
 
 def _chunks(store, name: str, tokens: torch.Tensor | None, size: int = 1024):
-    for start, chunk in store.iter_chunks(name, size, tokens=None if tokens is None else tokens.tolist()):
-        yield start, torch.from_numpy(np.asarray(chunk, dtype=np.int64))
+    """``(start, long [<=size layers tokens k])`` of a reducer output, `tokens` selected along its axis 2
+    (reducer outputs carry no token axis in the store's metadata, so the selection is done here)."""
+    for start, chunk in store.iter_chunks(name, size):
+        chunk = torch.from_numpy(np.asarray(chunk, dtype=np.int64))
+        yield start, chunk if tokens is None else chunk[:, :, tokens]
 
 
 def key_value_agreement(store, model, kind: str, *, tokens: str | Sequence[int] = "all",

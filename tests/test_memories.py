@@ -197,3 +197,36 @@ def test_cli_memories_writes_the_table_and_resumes(tmp_path, capsys):
     assert main(args + ["--model", "tiny-scenes-gap"]) == 1  # another model into the same store
     err = capsys.readouterr().err
     assert err.startswith("vitlens: error:") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("kind", ["attn", "mlp"])
+def test_recorded_top5_memories_are_the_largest_coefficients(model, data, store, kind):
+    """``memory_top5_{kind}``: int16 [n layers tokens 5], the indices of each token's 5 largest coefficients."""
+    recorded = store[f"memory_top5_{kind}"][:]
+    assert recorded.dtype == np.int16 and recorded.shape == (len(data), model.cfg.n_layers, 17, 5)
+    images = torch.stack([data[i]["image"] for i in range(len(data))])
+    for layer in range(model.cfg.n_layers):
+        top5, _ = _plain_top5(model, images, layer, kind)
+        assert np.array_equal(np.sort(recorded[:, layer], -1), np.sort(top5.numpy(), -1))
+
+
+def test_cls_agreement_against_a_plain_loop_and_weights_unchanged(model, data, store):
+    """tokens="cls": only token 0 counts; no memories call (store measures included) touches the weights."""
+    before = _snapshot(model)
+    table = memories.key_value_agreement(store, model, "mlp", tokens="cls", seed=2)
+    memories.composition(store, model, "attn")
+    memories.key_value_agreement(store, model, "attn")
+    images = torch.stack([data[i]["image"] for i in range(len(data))])
+    labels = np.asarray(data.samples.label)
+    random_class = torch.randint(10, (model.cfg.n_layers, 10), generator=torch.Generator().manual_seed(2))
+    for layer in range(model.cfg.n_layers):
+        top5, _ = _plain_top5(model, images, layer, "mlp")
+        class_top5 = (model.vit.head.weight.detach() @ _raw_values(model, layer, "mlp")).topk(5, dim=1).indices
+        for c in np.unique(labels):
+            row = table[(table.layer == layer) & (table["class"] == c)]
+            for column, reference in (("rate", class_top5[c]), ("random_rate", class_top5[random_class[layer, c]])):
+                expected = 100 * np.mean([bool(set(top5[i, 0].tolist()) & set(reference.tolist()))
+                                          for i in np.flatnonzero(labels == c)])
+                assert row[column].item() == pytest.approx(expected)
+    after = _snapshot(model)
+    assert all(torch.equal(before[name], after[name]) for name in before)
