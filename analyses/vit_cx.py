@@ -63,10 +63,19 @@ def cluster_masks(masks: torch.Tensor, labels: np.ndarray, compat: bool = False)
     return normalise_rows(summed, compat)
 
 
-def masking_noise(n_masks: int, shape, noise: float = 0.1, seed: int = 0) -> torch.Tensor:
+def masking_noise(n_masks: int, shape, noise: float = 0.1, seed: int | torch.Generator = 0) -> torch.Tensor:
     """[K C H W]: ``noise * randn(K, C, H, W)`` from a CPU generator seeded with `seed`: the numbers the
-    original draws right after ``torch.manual_seed(seed)``, without touching the global RNG."""
-    generator = torch.Generator().manual_seed(int(seed))
+    original draws right after ``torch.manual_seed(seed)``, without touching the global RNG. `seed` may also
+    be a CPU ``torch.Generator``, drawn from (and advanced) as it stands."""
+    if isinstance(seed, torch.Generator):
+        if seed.device.type != "cpu":
+            raise ValueError(f"seed must be an int or a CPU torch.Generator, got a generator on {seed.device}; "
+                             "use torch.Generator() (the noise is drawn on the CPU, then moved)")
+        generator = seed
+    elif isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        generator = torch.Generator().manual_seed(int(seed))
+    else:
+        raise ValueError(f"seed must be an int or a CPU torch.Generator, got {seed!r}")
     return noise * torch.randn(n_masks, *shape, generator=generator)
 
 
@@ -125,12 +134,14 @@ def vit_cx_masks(model, images: torch.Tensor, *, layer=-1, distance_threshold: f
 
 
 def causal_scores(model, images: torch.Tensor, target: torch.Tensor, clean: torch.Tensor, masks, *,
-                  noise: float = 0.1, seed: int = 0, batch_size: int = 64, compat: bool = False) -> torch.Tensor:
+                  noise: float = 0.1, seed: int | torch.Generator = 0, batch_size: int = 64,
+                  compat: bool = False) -> torch.Tensor:
     """Saliency [batch H W] of the masks (a list of [K_b H W]): every masked and reference image of the batch
     runs through the model in chunks of `batch_size` images, built on the device chunk by chunk.
 
     `target` [batch] classes, `clean` [batch] their probabilities on the images; image b's noise is
-    :func:`masking_noise` (K_b masks, `seed`), slice k for mask k.
+    :func:`masking_noise` (K_b masks, `seed`), slice k for mask k: with an int seed every image's noise is
+    drawn after seeding (batch-independent), with a ``torch.Generator`` the images draw from it in turn.
     """
     if batch_size < 2:
         raise ValueError(f"batch_size must be at least 2 (a masked and a reference image), got {batch_size}")
@@ -158,11 +169,14 @@ def causal_scores(model, images: torch.Tensor, target: torch.Tensor, clean: torc
           resolution="pixels", description="ViT-CX: causal scores of clustered patch-embedding masks",
           paper="Xie et al., IJCAI 2023; vaynexie/CausalX-ViT", own_target=True)
 def vit_cx(model, images: torch.Tensor, target=None, *, compat: bool = False, layer=-1,
-           distance_threshold: float = 0.1, noise: float = 0.1, seed: int = 0, batch_size: int = 64) -> torch.Tensor:
+           distance_threshold: float = 0.1, noise: float = 0.1, seed: int | torch.Generator = 0,
+           batch_size: int = 64) -> torch.Tensor:
     """ViT-CX maps [batch H W] (unnormalised, as the original returns them).
 
     Options: `layer` (block index or hook name of the features), `distance_threshold` (clustering),
-    `noise` (std of the fill noise, in normalised input space), `seed` (each image's noise generator),
+    `noise` (std of the fill noise, in normalised input space), `seed` (an int: each image's noise comes from
+    a CPU generator seeded with it, as the original right after ``torch.manual_seed(seed)``; or a CPU
+    ``torch.Generator`` that the images draw from in turn; the global RNG is never used),
     `batch_size` (images per masked forward; the original's ``gpu_batch`` was 50). Forwards per image:
     1 + 2K (the original: 2 + 2K and a backward). compat: NaN kept (see :func:`causal_saliency`,
     :func:`normalise_rows`); the default gives 0 there.

@@ -82,6 +82,15 @@ def test_deterministic_and_global_rng_untouched(scenes):
     # each image gets what it gets alone, whatever the batch and chunk size
     torch.testing.assert_close(first[1:], analyses.explain(model, images[1:2], "vit_cx", seed=3, batch_size=2),
                                atol=1e-7, rtol=1e-5)
+    # a CPU torch.Generator as the seed: image 0 draws what seed=3 gives, image 1 the generator's continuation
+    generator = torch.Generator().manual_seed(3)
+    drawn = analyses.explain(model, images[:2], "vit_cx", seed=generator)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(drawn[0], first[0])
+    assert not torch.allclose(drawn[1], first[1])
+    assert not torch.equal(generator.get_state(), torch.Generator().manual_seed(3).get_state())
+    with pytest.raises(ValueError, match="seed must be an int or a CPU torch.Generator"):
+        analyses.explain(model, images[:1], "vit_cx", seed=0.5)
 
 
 def test_one_cluster_gives_no_nan_by_default(scenes):
