@@ -112,6 +112,8 @@ def original_reference(fused_layers, ratio, spare_origin):
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_batched_rollout_equals_plain_reference(scenes, fusion):
     model, images = scenes
+    # timm's fused attention (scaled_dot_product_attention, no attn_drop call) is on: the patterns still arrive
+    assert all(block.attn.fused_attn for block in model.vit.blocks)
     for ratio, protect in [(0.0, True), (0.5, True), (0.9, False)]:
         maps = analyses.explain(model, images, "rollout", head_fusion=fusion, discard_ratio=ratio, protect_cls=protect)
         for b, image in enumerate(images):
@@ -154,18 +156,21 @@ def test_rollout_corrected_normalisation_differs_from_the_original(scenes):
     assert (fixed - original).abs().max() > 1e-3  # spec §4: up to 0.09 for max fusion without discard
 
 
-@pytest.mark.parametrize("wrt, clamp", [("probs", "after"), ("scores", "before")])
-def test_batched_gradient_rollout_equals_plain_reference(sharp, wrt, clamp):
+@pytest.mark.parametrize("wrt, clamp, fusion, protect", [("probs", "after", "mean", True),
+                                                          ("scores", "before", "mean", True),
+                                                          ("probs", "before", "max", False)])
+def test_batched_gradient_rollout_equals_plain_reference(sharp, wrt, clamp, fusion, protect):
     model, images = sharp
     target = torch.tensor([1, 4, 7])
-    maps = analyses.explain(model, images, "grad_rollout", target, wrt=wrt, clamp=clamp, discard_ratio=0.5)
+    maps = analyses.explain(model, images, "grad_rollout", target, wrt=wrt, clamp=clamp, discard_ratio=0.5,
+                            head_fusion=fusion, protect_cls=protect)
     for b, image in enumerate(images):
         atts, grads = gradients(model, image, int(target[b]), "hook_pattern" if wrt == "probs" else "hook_attn_scores")
         fused = []
         for a, g in zip(atts, grads):  # forward order
             w = a * g
-            fused.append(w.clamp(min=0).mean(0) if clamp == "before" else w.mean(0).clamp(min=0))
-        expected = corrected_reference(fused, 0.5, True, 1, (4, 4))
+            fused.append(fuse(w.clamp(min=0), fusion) if clamp == "before" else fuse(w, fusion).clamp(min=0))
+        expected = corrected_reference(fused, 0.5, protect, 1, (4, 4))
         torch.testing.assert_close(maps[b], expected, atol=1e-6, rtol=1e-4)
 
 
@@ -280,8 +285,9 @@ def test_bad_input():
     for method in ("rollout", "grad_rollout", "chefer"):
         with pytest.raises(ValueError, match="no class token"):
             analyses.explain(gap, images, method)
-    with pytest.raises(ValueError, match="Expected 32x32 images"):
-        analyses.explain(model, torch.randn(2, 3, 48, 48), "rollout")
+    for method in ("rollout", "grad_rollout", "chefer", "vit_cx"):
+        with pytest.raises(ValueError, match="Expected 32x32 images, got 48x48. Resize with `model.transform`"):
+            analyses.explain(model, torch.randn(2, 3, 48, 48), method)
     with pytest.raises(ValueError, match="head_fusion must be one of"):
         analyses.explain(model, images, "rollout", head_fusion="median")
     with pytest.raises(ValueError, match="discard_ratio"):
