@@ -144,3 +144,22 @@ def test_cli_probes_writes_the_table_resumes_and_names_bad_input(tmp_path, capsy
         assert main(args + bad) == 1
         err = capsys.readouterr().err
         assert err.startswith("vitlens: error:") and err.count("\n") == 1 and message in err, err
+
+
+def test_a_store_lacking_a_layer_is_named(model, splits, tmp_path):
+    """A store that recorded only block 0: asking for every layer names the missing block 1 and the fix."""
+    train, _ = splits
+    store = vitlens.record(model, probing.Rows(train, range(4)), tmp_path / "b0", hooks="blocks.0.hook_resid_post", dtype="float32",
+                           progress=False)
+    with pytest.raises(KeyError, match=r"blocks\.1\.hook_resid_post.*vitlens record"):
+        probing.run(model, store, store)
+    only_block0 = probing.run(model, store, store, layers=[0])  # what it holds still probes
+    assert set(only_block0.layer) == {0}
+
+
+def test_plot_is_the_table_as_a_layer_by_token_grid():
+    table = pd.DataFrame({"layer": np.repeat([0, 1], 3), "token": np.tile([0, 1, 2], 2),
+                          "accuracy": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], "mean_rank": [6, 5, 4, 3, 2, 1]})
+    figure = probing.plot(table)
+    np.testing.assert_allclose(figure.data[0].z, [[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]])  # rows = layers
+    np.testing.assert_allclose(probing.plot(table, "mean_rank").data[0].z, [[6, 5, 4], [3, 2, 1]])
