@@ -14,6 +14,7 @@ lines), and writers keep ``index.json`` (the shards they verified) current for r
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import socket
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
@@ -244,7 +246,7 @@ class ShardWriter:
         layout = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
         layout.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # fixed data offsets, no fill: a sparse file
         layout.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-        with h5py.File(self.tmp_path, "w") as f:
+        with _disk_errors(self.tmp_path), h5py.File(self.tmp_path, "w") as f:
             f.attrs.update(store_id=store.meta["store_id"], shard=shard, start=self.start, stop=self.stop,
                            meta_sha256=store.meta_sha256, writer=writer)
             for name, spec in self._specs.items():
@@ -283,7 +285,7 @@ class ShardWriter:
             os.close(self._fd)
             self._fd = None
             if self._buffers or self.skipped:
-                with h5py.File(self.tmp_path, "r+") as f:
+                with _disk_errors(self.tmp_path), h5py.File(self.tmp_path, "r+") as f:
                     for name, data in self._buffers.items():
                         f[name][...] = data
                     f.attrs["skipped"] = json.dumps(self.skipped)
@@ -314,6 +316,19 @@ class ShardWriter:
             os.close(self._fd)
             self._fd = None
         self.tmp_path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _disk_errors(path: Path):
+    """h5py reports a full disk while flushing as a RuntimeError: raise it as ``OSError(ENOSPC)``, and
+    remove the half-laid-out file."""
+    try:
+        yield
+    except (RuntimeError, OSError) as error:
+        path.unlink(missing_ok=True)
+        if isinstance(error, RuntimeError) and ("errno = 28" in str(error) or "No space left" in str(error)):
+            raise OSError(errno.ENOSPC, f"No space left on device while writing {path}") from error
+        raise
 
 
 def _process_exists(pid) -> bool:
