@@ -238,3 +238,14 @@ def test_cli_saliency_writes_tables_and_refuses_a_model_without_class_token(smal
     assert main(bad) == 1
     err = capsys.readouterr().err
     assert err.startswith("vitlens: error:") and err.count("\n") == 1 and "no class token" in err, err
+
+
+def test_maps_have_the_grid_shape_and_plot_flips_the_curve(scenes):
+    model, images, labels, _ = scenes
+    maps = analyses.explain(model, images[:2], "class_embedding", target=labels[:2], compat=True)
+    assert maps.shape == (2, 6, 6)  # [batch grid_h grid_w] like every explanation method
+    curves = pd.DataFrame({"method": "m", "order": "negative", "n_keep": [1, 2, 3], "accuracy": [0.2, 0.5, 0.9]})
+    line = saliency.plot(curves).data[0]
+    # the study's figure: x = % removed = 100 (N - n) / N with N = 4 patches
+    np.testing.assert_allclose(line.x, [75, 50, 25])
+    np.testing.assert_allclose(line.y, [0.2, 0.5, 0.9])
