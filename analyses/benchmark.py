@@ -22,8 +22,8 @@ from vitlens.recorder import Computation
 from vitlens.store import METADATA_FILE
 
 BASELINE_METHODS = ("random", "centre", "oracle")
-"""Chance (uniform noise, seeded by the sample index), the centre prior and the true mask, scored beside every
-method."""
+"""Chance (uniform noise, seeded by the sample index), the centre prior and the true mask (for the patch-level
+localisation scores, the patch mask: :func:`analyses.localisation.oracle_maps`), scored beside every method."""
 CURVE_METRICS = ("deletion", "insertion", "aopc", "road_morf", "road_lerf", "positive", "negative", "token_removal")
 """Faithfulness: curve AUCs per image. ``token_removal`` is :func:`analyses.faithfulness.token_removal_auc` (keep
 the top n patch tokens, accuracy; the mean over images is the set's plain AUC, higher is better)."""
@@ -95,6 +95,9 @@ class Scores(Computation):
         masks = localisation.pixel_masks(self._dataset, indices.tolist()).to(images.device)
         maps = self.maps(model, images, indices, masks).to(images.device).float()
         grid = tuple(model.layout_for(images).grid)
+        # the oracle at the patch level is the patch mask itself (the best possible patch map)
+        at_level = {"pixel": maps, "patch": localisation.oracle_maps(masks, grid=grid) if self.method == "oracle"
+                    else maps}
         columns, curves = [], [torch.full((len(images), self.steps + 1), float("nan"), device=images.device)] * 2
         cached: dict[str, object] = {}
         for metric, level in _values(self.metrics):
@@ -117,12 +120,12 @@ class Scores(Computation):
             elif metric in ("pixel_accuracy", "miou", "map"):
                 key = f"seg.{level}"
                 if key not in cached:
-                    cached[key] = localisation.segmentation_scores(maps, masks, level=level, grid=grid)
+                    cached[key] = localisation.segmentation_scores(at_level[level], masks, level=level, grid=grid)
                 columns.append(getattr(cached[key], metric))
             elif metric == "top_k_intersection":
-                columns.append(localisation.top_k_intersection(maps, masks, k=0.2, level=level, grid=grid))
+                columns.append(localisation.top_k_intersection(at_level[level], masks, k=0.2, level=level, grid=grid))
             else:
-                columns.append(getattr(localisation, metric)(maps, masks, level=level, grid=grid))
+                columns.append(getattr(localisation, metric)(at_level[level], masks, level=level, grid=grid))
         valid = ~masks.isnan()
         fraction = ((masks == 1) & valid).flatten(1).sum(-1) / valid.flatten(1).sum(-1)
         return torch.cat([torch.stack([c.float() for c in columns] + [fraction.float()], -1), *curves], -1)

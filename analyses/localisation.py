@@ -254,9 +254,15 @@ def centre_prior(shape: tuple[int, int, int]) -> torch.Tensor:
     return prior.expand(batch, h, w).clone()
 
 
-def oracle_maps(masks: torch.Tensor) -> torch.Tensor:
-    """The best possible map [batch H W]: the object mask itself (ignore pixels 0)."""
+def oracle_maps(masks: torch.Tensor, *, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """The best possible map: the object mask itself [batch H W] (ignore pixels 0), or with `grid` the patch-level
+    mask [batch grid_h grid_w] (1 where a patch is object, as :func:`prepare` decides), which scores 1 on every
+    localisation metric at ``level="patch"`` (the averaged pixel mask would not: partly covered background
+    patches carry mass)."""
     masks = masks.float()
+    if grid is not None:
+        target = prepare(torch.zeros(len(masks), *grid, device=masks.device), masks, level="patch", grid=grid).target
+        return target.float().view(len(masks), *grid)
     return torch.where(masks.isnan() | (masks < 0), torch.zeros_like(masks), masks)
 
 

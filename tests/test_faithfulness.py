@@ -398,3 +398,33 @@ def test_compat_reproduces_the_diffmask_notebook_curves(tiny):
         # the default AUC is the same trapezoid over the removed fraction in [0, 1]
         assert fa.deletion(model, images, maps, predicted, output="probability", **{**options, "compat": False}
                            ).auc.mean().item() == pytest.approx(np.trapezoid(acc) / steps, abs=1e-5)
+
+
+def test_cli_evaluate_prints_the_table_resumes_and_errors_in_one_line(map_store, tmp_path, capsys):
+    import shutil
+
+    import pandas as pd
+
+    from vitlens.cli import main
+
+    _, _, path = map_store
+    store = tmp_path / "cli"
+    shutil.copytree(path, store, ignore=shutil.ignore_patterns("results"))
+    args = ["evaluate", str(store), "--data", "scenes", "--n-per-class", "1", "--metrics",
+            "relevance_mass,pointing_game", "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("rollout", "random", "centre", "oracle", "relevance_mass"))
+    table = pd.read_csv(store / "results" / "evaluate.csv")
+    summary = pd.read_csv(store / "results" / "evaluate_summary.csv")
+    oracle = summary[(summary.group == "all") & (summary.method == "oracle")]  # both metrics, both levels
+    assert len(oracle) == 4 and np.allclose(oracle[["mean", "ci_low", "ci_high"]].values, 1.0)
+    assert "1.000 [1.000, 1.000]" in out
+    assert set(summary.group) == {"all", "class", "mask_size"} and (summary.nan == 0).all()
+    assert main(args) == 0  # resumed: the same table
+    pd.testing.assert_frame_equal(pd.read_csv(store / "results" / "evaluate.csv"), table)
+    capsys.readouterr()
+    for bad, words in ((["--metrics", "accuracy"], "--metrics"), (["--methods", "vit_cx"], "--methods")):
+        assert main(args[:4] + bad + ["--no-progress"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("vitlens: error:") and err.count("\n") == 1 and words in err, err

@@ -126,3 +126,15 @@ def test_bad_input():
         lo.relevance_mass(masks, masks * 2)
     with pytest.raises(ValueError, match="k=1000"):
         lo.top_k_intersection(masks, masks, k=1000, level="patch")
+
+
+def test_oracle_at_the_patch_level_is_the_patch_mask_and_scores_one():
+    masks = square_masks()  # 16 x 16 on a 4 x 4 grid: a patch is object when >= 8 of its 16 pixels are
+    oracle = lo.oracle_maps(masks, grid=(4, 4))
+    expected = (masks.view(3, 4, 4, 4, 4).sum((2, 4)) >= 8).float()
+    assert torch.equal(oracle, expected)
+    for fn in METRICS:  # image 2's 1-pixel strip covers no patch: empty at the patch level, NaN
+        scores = fn(oracle, masks, level="patch")
+        assert torch.allclose(scores[:2], torch.ones(2)) and scores[2].isnan(), fn.__name__
+    # the pixel mask averaged over patches is not the best patch map: background patches keep some mass
+    assert (lo.relevance_mass(lo.oracle_maps(masks), masks, level="patch", grid=(4, 4)) < 1).any()
