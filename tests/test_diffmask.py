@@ -11,7 +11,7 @@ import vitlens
 from analyses.diffmask import CountingTask, DiffMask, Trainer, hf_vit_to_timm, run, train
 from analyses.diffmask.gates import log_keep_probability, sample_gates
 from analyses.diffmask.toy import COLOURS, RED, pretrained_toy_vit
-from analyses.explain import methods
+from analyses.explain import explain, methods
 from tests.helpers.tiny import tiny_model
 from vitlens import HookedViT
 
@@ -203,17 +203,88 @@ def test_saved_gates_give_identical_masks_and_serve_the_explain_interface(model,
     assert torch.equal(maps, diffmask.mask(images))
     with pytest.raises(ValueError, match="gates=PATH"):
         method.fn(model, images, None)
+    path = tmp_path / "gates.safetensors"  # the common interface, options passed through
+    assert torch.equal(explain(model, images, "diffmask", gates=path), diffmask.mask(images))
+    assert torch.equal(explain(model, images, "diffmask", gates=path, gate=2, aggregated=False),
+                       diffmask.mask(images, gate=2, aggregated=False))
+    with pytest.raises(ValueError, match=r"gate must be in \[-6, 5\]"):
+        diffmask.mask(images, gate=6)
+
+
+def replayed_gates(logits: torch.Tensor) -> torch.Tensor:
+    """Hard-concrete samples [batch pos k] from the next torch.rand draw, written out plainly (§B4): a binary
+    concrete of temperature 0.2 stretched to (-0.2, 1) and clamped to [0, 1]."""
+    u = torch.rand(logits.shape).clamp(1e-6, 1 - 1e-6)
+    s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + logits) / 0.2)
+    return (-0.2 + 1.2 * s).clamp(0, 1)
+
+
+def plainly_masked_logits(model: HookedViT, images, gate: torch.Tensor, placeholder: torch.Tensor) -> torch.Tensor:
+    """timm's own forward with patch embeddings mixed with the placeholder by `gate` [batch patches]."""
+    vit = model.vit
+    g = gate[..., None]
+    x = vit.patch_embed(images) * g + placeholder * (1 - g)
+    return vit.forward_head(vit.norm(vit.blocks(vit.norm_pre(vit._pos_embed(x)))))
+
+
+def test_forward_multiplies_stretched_concrete_samples_of_the_first_gates(model, images):
+    state = original_state(seed=4)
+    diffmask = DiffMask.from_original(model, state, mul_activation=1.0)  # logits within 1 of N(0, 1): not saturated
+    logits = independent_logits(model, images, state, mul=1.0)[..., :3]  # gates 0..2
+    torch.manual_seed(5)
+    out = diffmask(images, 2)
+    torch.manual_seed(5)
+    z = replayed_gates(logits)
+    product = z[..., 0] * z[..., 1] * z[..., 2]
+    assert out.layer == 2 and 0.05 < (z == 0).float().mean() < 0.95  # gates are exactly 0 with some probability
+    torch.testing.assert_close(out.gates, product, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.gates_full[..., 1], z[..., 0] * z[..., 1], atol=1e-5, rtol=1e-4)
+    log_keep = torch.nn.functional.logsigmoid(logits + 0.2 * math.log(5))
+    torch.testing.assert_close(out.expected_L0, log_keep.sum(-1), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.logits, plainly_masked_logits(model, images, product[:, 1:], state["gate.placeholder"]),
+                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.logits_orig, model.vit(images))
+
+
+def test_training_loss_is_alpha_times_kl_to_the_original_minus_eps_plus_the_log_l0(model, images):
+    state = original_state(seed=6)
+    diffmask = DiffMask.from_original(model, state, mul_activation=1.0)
+    trainer = Trainer(diffmask, eps=0.07)
+    torch.manual_seed(11)
+    first = trainer.step(images)[0]
+    torch.manual_seed(11)
+    layer = int(torch.randint(6, ()))  # a layer drawn uniformly, then its gates sampled
+    logits = independent_logits(model, images, state, mul=1.0)[..., :layer + 1]
+    keep = replayed_gates(logits).prod(-1)
+    with torch.no_grad():
+        p, q = model.vit(images).log_softmax(-1), plainly_masked_logits(model, images, keep[:, 1:],
+                                                                        state["gate.placeholder"]).log_softmax(-1)
+    kl = (p.exp() * (p - q)).sum(-1)  # KL(original || masked)
+    l0 = torch.nn.functional.logsigmoid(logits + 0.2 * math.log(5)).sum(-1).mean(-1)  # all 37 positions, CLS too
+    assert first["layer"] == layer
+    assert first["kl"] == pytest.approx(kl.mean().item(), rel=1e-4, abs=1e-6)
+    alpha = 20.0 + layer  # original_state's alpha.{i}
+    assert first["loss"] == pytest.approx((alpha * (kl - 0.07) + l0).mean().item(), rel=1e-4, abs=1e-5)
 
 
 # -- training ---------------------------------------------------------------------------------------------
 
 def test_l0_falls_during_a_short_run_on_the_scenes(model, scenes):
+    images = torch.stack([scenes[i]["image"] for i in range(0, len(scenes), 4)])
+
+    def expected_l0(diffmask) -> float:  # mean over gates k of P(prod_{i<=k} z_i != 0), deterministic
+        return sum(diffmask.mask(images, gate=k).mean().item() for k in range(diffmask.n_gates)) / diffmask.n_gates
+
+    torch.manual_seed(0)  # the gates' initialisation (train seeds its own sampling)
     diffmask = DiffMask(model)
+    start = expected_l0(diffmask)
+    before = {name: t.clone() for name, t in model.vit.state_dict().items()}
     log = train(diffmask, scenes, max_steps=30, epochs=10, batch_size=8, lr=1e-2, lr_placeholder=1e-2, warmup=5,
                 progress=False)
-    gates = log[log.phase == "gates"]
-    assert len(gates) == 30 and (log.phase == "alpha").sum() == 30
-    assert gates.l0.iloc[-8:].mean() < gates.l0.iloc[:4].mean() - 0.1
+    assert (log.phase == "gates").sum() == 30 and (log.phase == "alpha").sum() == 30
+    assert diffmask.running_steps.sum() == 60  # two objective evaluations per batch, one per optimiser
+    assert all(torch.equal(before[name], t) for name, t in model.vit.state_dict().items())  # the ViT is frozen
+    assert expected_l0(diffmask) < start - 0.2, (start, expected_l0(diffmask))
     assert all(p.requires_grad for p in model.vit.parameters())  # restored after training
 
 
@@ -230,6 +301,47 @@ def test_alpha_rises_while_the_constraint_is_violated_unless_compat(model, image
         for layer in moved:
             assert (alphas[layer] > 20.0) if rises else (alphas[layer] < 20.0), (eps, compat, layer)
         assert all(alphas[i] == 20.0 for i in range(6) if i not in moved)
+
+
+@pytest.mark.parametrize("compat, bound", [(False, 200.0), (True, 0.0)])
+def test_alpha_is_clipped_to_0_200(model, images, compat, bound):
+    torch.manual_seed(0)
+    diffmask = perturbed(model)
+    trainer = Trainer(diffmask, eps=0.0, lr_alpha=500.0, compat=compat)  # one Adam step moves alpha by ~500
+    layer = trainer.step(images)[1]["layer"]
+    assert diffmask.alpha[layer].item() == bound
+
+
+def test_optimisers_are_lookahead_adam_with_a_warm_up_from_zero(model, images):
+    diffmask = perturbed(model)
+    trainer = Trainer(diffmask, lr=1e-2, lr_placeholder=1e-3, warmup=4)
+    for optimizer in (trainer.gate_optimizer, trainer.alpha_optimizer):
+        group = optimizer.param_groups[0]
+        assert (group["lookahead_alpha"], group["lookahead_k"]) == (0.5, 6)
+        assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.9, 0.999), 1e-8, 0)
+    assert trainer.alpha_optimizer.param_groups[0]["lr"] == 0.3
+    start = [p.detach().clone() for p in diffmask.g_hat.parameters()] + [diffmask.placeholder.detach().clone()]
+    trainer.step(images)  # the first gate step has lr 0, as the original's warm-up
+    after = list(diffmask.g_hat.parameters()) + [diffmask.placeholder]
+    assert all(torch.equal(a, b) for a, b in zip(start, after))
+    for k in (1, 2, 3, 4):
+        assert [g["lr"] for g in trainer.gate_optimizer.param_groups] == pytest.approx([k / 4 * 1e-2, k / 4 * 1e-3])
+        trainer.step(images)
+    assert not torch.equal(start[-1], diffmask.placeholder)
+
+
+def test_layers_are_drawn_uniformly_or_less_often_once_learned(model):
+    diffmask = DiffMask(model)
+    torch.manual_seed(0)
+    counts = torch.bincount(torch.tensor([Trainer(diffmask).sample_layer() for _ in range(3000)]), minlength=6)
+    torch.testing.assert_close(counts / 3000., torch.full((6,), 1 / 6), atol=0.03, rtol=0)
+    with torch.no_grad():  # layers 0 and 4 learned: accurate, sparse, after 100 steps -> weight 0.1 against 1
+        diffmask.running_acc[[0, 4]], diffmask.running_l0[[0, 4]], diffmask.running_steps[[0, 4]] = 0.9, 0.05, 101
+        diffmask.running_steps[[1, 2]] = 101  # dense and accurate: still weight 1
+    trainer = Trainer(diffmask, weighted_layers=True)
+    counts = torch.bincount(torch.tensor([trainer.sample_layer() for _ in range(3000)]), minlength=6)
+    expected = torch.tensor([0.1, 1, 1, 1, 0.1, 1]) / 4.2
+    torch.testing.assert_close(counts / 3000., expected, atol=0.025, rtol=0)
 
 
 def test_resumed_training_equals_an_uninterrupted_run(model, scenes, tmp_path):
