@@ -383,10 +383,19 @@ def test_trained_masks_select_the_red_cells_of_the_toy_task():
     diffmask = DiffMask(model)
     train(diffmask, CountingTask(512, 3, 4, seed=0), max_steps=120, epochs=10, batch_size=32, lr=1e-2,
           lr_placeholder=1e-2, warmup=10, progress=False)
-    table = run(diffmask, CountingTask(200, 3, 4, seed=1))
+    held_out = CountingTask(200, 3, 4, seed=1)
+    table = run(diffmask, held_out)
+    images = torch.stack([held_out[i]["image"] for i in range(200)])
+    red = torch.stack([held_out[i]["token_mask"] for i in range(200)])
+    masks = diffmask.mask(images)
+    torch.testing.assert_close(torch.tensor(table.accuracy.values, dtype=torch.float32),
+                               ((masks > 0.5) == (red > 0.5)).float().mean((1, 2)))  # per grid, plainly
+    assert table.accuracy.mean() > 0.95
     table = table[table.area > 0]
     # relevance: share of the mask on the red cells; area: their share of the grid
     assert table.relevance.mean() > table.area.mean() + 0.25, table[["relevance", "area"]].mean()
+    torch.testing.assert_close(torch.tensor(table.relevance.values, dtype=torch.float32),
+                               ((masks * red).sum((1, 2)) / masks.sum((1, 2)))[red.sum((1, 2)) > 0])
 
 
 # -- HF ViT weights ---------------------------------------------------------------------------------------
@@ -461,7 +470,7 @@ def test_train_diffmask_on_the_toy_task_from_the_command_line(tmp_path, capsys):
             "--batch-size", "8", "--max-steps", "2", "--no-progress"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "mask mass on the red cells" in printed and len((out / "log.csv").read_text().splitlines()) == 1 + 4
+    assert "mask mass on the red cells" in printed and "accuracy" in printed and len((out / "log.csv").read_text().splitlines()) == 1 + 4
     model = pretrained_toy_vit()  # the gates are for the shipped counting ViT, its data the counting task
     gates = DiffMask.load(model, out / "diffmask.safetensors")
     grids = CountingTask(40, model=model, seed=123)  # --n-per-class 4 x 10 counts, --seed's default

@@ -27,7 +27,9 @@ def object_relevance(masks: torch.Tensor, objects: torch.Tensor) -> torch.Tensor
 def run(diffmask: DiffMask, dataset: Dataset, *, batch_size: int = 32, gate: int = -1,
         aggregated: bool = True) -> pd.DataFrame:
     """One row per item: sample_id, label, area (object share of the token grid), relevance (mask mass on the
-    object), mask_mean, and ratio = relevance / area. Items need a "token_mask"."""
+    object), mask_mean, ratio = relevance / area, and accuracy: the share of tokens where the mask thresholded
+    at 0.5 agrees with the object (token_mask >= 0.5), the mask accuracy of the toy task. Items need a
+    "token_mask"."""
     device = next(diffmask.parameters()).device
     rows = []
     for batch in DataLoader(dataset, batch_size=batch_size):
@@ -37,11 +39,13 @@ def run(diffmask: DiffMask, dataset: Dataset, *, batch_size: int = 32, gate: int
         masks = diffmask.mask(batch["image"].to(device), gate=gate, aggregated=aggregated).cpu()
         objects = batch["token_mask"].float()
         relevance, area = object_relevance(masks, objects), objects.flatten(1).mean(1)
+        accuracy = ((masks > 0.5) == (objects >= 0.5)).flatten(1).float().mean(1)
         for i in range(len(masks)):
             rows.append({"sample_id": batch["sample_id"][i], "label": int(batch["label"][i]),
                          "area": float(area[i]), "relevance": float(relevance[i]),
                          "mask_mean": float(masks[i].mean()),
-                         "ratio": float(relevance[i] / area[i]) if area[i] > 0 else float("nan")})
+                         "ratio": float(relevance[i] / area[i]) if area[i] > 0 else float("nan"),
+                         "accuracy": float(accuracy[i])})
     return pd.DataFrame(rows)
 
 

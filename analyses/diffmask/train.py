@@ -218,9 +218,10 @@ def main(args: argparse.Namespace) -> None:
     print(summary.to_string(float_format=lambda v: f"{v:.4f}"))
     if args.data == TOY_DATA:  # the known answer: the mask's share on the red cells against their share
         held_out = run(diffmask, CountingTask(200, model=model, seed=args.seed + 1))
+        accuracy = held_out.accuracy.mean()
         held_out = held_out[held_out.area > 0]
         print(f"toy task, 200 held-out grids: mask mass on the red cells {held_out.relevance.mean():.3f}, "
-              f"their area {held_out.area.mean():.3f}")
+              f"their area {held_out.area.mean():.3f}; mask > 0.5 marks the red cells with accuracy {accuracy:.3f}")
     print(f"gates: {Path(args.out) / GATES_FILE}")
 
 
