@@ -404,6 +404,23 @@ def test_unembed_uses_fc_norm_on_average_pool_models():
 
 
 @torch.no_grad()
+def test_class_rank_reducer_uses_fc_norm_on_average_pool_models():
+    """The reducer's ranks against a projection written out by hand (F.layer_norm with fc_norm, then the head)."""
+    from analyses.class_embedding import ClassRankReducer
+
+    model = HookedViT.from_timm(build("avg_fc_norm"))
+    _, cache = model.run_with_cache(images())
+    resid, labels = cache["resid_post", 0], torch.tensor([0, 4, 9])
+    fc_norm, head = model.vit.fc_norm, model.vit.head
+    logits = F.layer_norm(resid, (32,), fc_norm.weight, fc_norm.bias, fc_norm.eps) @ head.weight.T + head.bias
+    expected = (logits > logits[torch.arange(3), :, labels][..., None]).sum(-1)  # [batch pos]
+    ranks = ClassRankReducer().reduce(model, resid, labels)
+    assert torch.equal(ranks.long(), expected)
+    raw = resid @ head.weight.T + head.bias  # what a final_norm that skipped fc_norm would rank
+    assert not torch.equal((raw > raw[torch.arange(3), :, labels][..., None]).sum(-1), expected)
+
+
+@torch.no_grad()
 def test_dynamic_size_replay_with_hooks_at_a_non_square_size():
     vit = build("dynamic_size")
     model = HookedViT.from_timm(vit)

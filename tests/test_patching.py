@@ -209,6 +209,15 @@ def test_patching_from_an_in_memory_cache_and_single_heads(model, dataset):
     single = run_patched(model, target, clean, [Patch("blocks.0.attn.hook_z", 0, tokens=[7], head=0)])
     assert df.metric.tolist()[1] == pytest.approx(single[0, 2].item(), rel=1e-5)
 
+    def by_hand(z, hook):  # token 7, head 0 of the donor's z; every other entry the target's own
+        z = z.clone()
+        z[:, 7, 0] = clean["blocks.0.attn.hook_z"][:, 7, 0]
+        return z
+    with torch.inference_mode():
+        expected = model.run_with_hooks(target, fwd_hooks=[("blocks.0.attn.hook_z", by_hand)])[0, 2].item()
+        assert expected != pytest.approx(model(target)[0, 2].item(), abs=1e-6)  # the patch matters
+    assert df.metric.tolist()[1] == pytest.approx(expected, abs=1e-5)
+
 
 def test_sweep_metric_of_the_wrong_shape_is_refused(model, store, dataset):
     images = dataset.images[[TARGET, 9]]

@@ -197,6 +197,49 @@ def test_pos_embed_hook_replaces_the_position_embedding():
     assert not torch.allclose(no_pos, model(x), atol=1e-3)
 
 
+@torch.no_grad()
+def test_post_norm_qkv_read_the_raw_residual_and_split_inputs_agree():
+    """ResPostBlock attends to the un-normalised stream: q = resid_pre @ W_Q + b_Q (no ln1 before it)."""
+    model = HookedViT.from_timm(build("res_post"))
+    x = images()
+    logits, cache = model.run_with_cache(x)
+    for layer, block in enumerate(model.blocks):
+        attn, resid = block.attn, cache["resid_pre", layer]
+        qkv = model.vit.blocks[layer].attn.qkv.weight  # [3*d_model d_model], rows q | k | v, head-major
+        for i, act in enumerate("qkv"):
+            by_hand = (resid @ qkv[i * 32:(i + 1) * 32].T).view(3, -1, 2, 16)  # no qkv bias on this family
+            torch.testing.assert_close(by_hand, cache[act, layer], atol=1e-5, rtol=0)
+            weight = getattr(attn, f"W_{act.upper()}")
+            torch.testing.assert_close(torch.einsum("bpm,hmd->bphd", resid, weight) + getattr(attn, f"b_{act.upper()}"),
+                                       cache[act, layer], atol=1e-5, rtol=0)
+    model.set_use_split_qkv_input(True)
+    try:
+        split_logits, split = model.run_with_cache(x)
+    finally:
+        model.set_use_split_qkv_input(False)
+    torch.testing.assert_close(split_logits, logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(split["v", 1], cache["v", 1], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_dynamic_size_helpers_and_sweeps_follow_the_input_grid():
+    """cfg.n_ctx is the default size's token count; at another size the helpers and sweeps use that input's grid."""
+    model = HookedViT.from_timm(build("dynamic_size"))
+    assert model.cfg.n_ctx == 17  # 32x32 images: CLS + 4x4 patches
+    x, clean = torch.randn(2, 3, 24, 40), torch.randn(2, 3, 24, 40)  # a 3x5 grid: 16 tokens
+    _, cache = model.run_with_cache(x)
+    full = cache.get_full_resid_decomposition(expand_neurons=False)
+    assert full.shape[2] == 16
+    torch.testing.assert_close(full.sum(0), cache["resid_post", -1], atol=1e-4, rtol=0)
+    _, clean_cache = model.run_with_cache(clean)
+    grid = act_patch(model, x, clean_cache, metric, "resid_pre")
+    assert grid.shape == (2, 16)
+    expected = _by_hand(model, x, clean_cache, metric, "blocks.1.hook_resid_pre", (slice(None), 15))
+    assert grid[1, 15].item() == pytest.approx(expected, abs=1e-5)
+    frame = act_patch(model, x, clean_cache, metric, "resid_pre", as_frame=True)
+    assert (frame.iloc[15].row, frame.iloc[15].col) == (2, 4)  # the last patch of 3 rows x 5 cols
+
+
 def test_post_norm_geometry_refused_and_switches_explain_themselves():
     model = HookedViT.from_timm(build("res_post"))
     with pytest.raises(ValueError, match="post-norm"):

@@ -3,8 +3,9 @@
 Every quantity is a property computed from the timm weights on each access (views where the layout
 allows, so in-place edits of the timm model show up at once; nothing is copied into the wrapper).
 LayerNorms stay unfolded: ``q = ln1.hook_normalized @ W_Q + b_Q`` (before qk-norm, which acts on q and k
-afterwards), and the block's LayerScale is folded into the output weights (``W_O``, ``b_O``, ``W_out``,
-``b_out``) so that ``z @ W_O + b_O`` is exactly what the block adds to the residual stream. Where a quantity
+afterwards; in post-norm blocks, which normalise the sublayer output instead, ``q = hook_resid_pre @ W_Q +
+b_Q``), and the block's LayerScale is folded into the output weights (``W_O``, ``b_O``, ``W_out``, ``b_out``)
+so that ``z @ W_O + b_O`` is exactly what the block adds to the residual stream. Where a quantity
 is undefined for a model (``QK`` under qk-norm, output weights of post-norm blocks, a gated or normed
 attention output) the property raises and says why.
 
