@@ -130,3 +130,19 @@ def test_run_under_torchrun_each_rank_writes_its_own_shards(model, tmp_path, mon
     with ActivationStore(path) as store:
         maps = torch.from_numpy(store["map.rollout"][:])
     torch.testing.assert_close(maps, analyses.explain(model, data.images, "rollout"))
+
+
+def test_run_target_predicted_explains_the_top_class(model, tmp_path):
+    data = SyntheticImages(n=4, seed=6)
+    table = analyses.explain.run(model, data, ["grad_rollout"], tmp_path / "top", target="predicted", batch_size=4,
+                                 progress=False)
+    assert list(table.target) == ["predicted"]
+    with ActivationStore(tmp_path / "top") as store:
+        stored = torch.from_numpy(store["map.grad_rollout"][:])
+    predicted = model(data.images).argmax(-1)
+    labels = torch.tensor(data.samples.label.tolist())
+    assert (predicted != labels).any()
+    torch.testing.assert_close(stored, analyses.explain(model, data.images, "grad_rollout", predicted))
+    assert not torch.allclose(stored, analyses.explain(model, data.images, "grad_rollout", labels))
+    with pytest.raises(ValueError, match="target must be one of"):
+        analyses.explain.run(model, data, ["rollout"], tmp_path / "bad", target="top", progress=False)
