@@ -34,8 +34,10 @@ def bench(name: str, model: HookedViT, batch: int, device, dtype, repeats: int) 
         loss.backward()
         model.vit.zero_grad(set_to_none=True)
 
-    def diffmask_train():
+    def diffmask_train():  # as train(): the ViT frozen, so no weight gradients are computed for it
+        model.vit.requires_grad_(False)
         trainer.step(x, autocast=autocast)
+        model.vit.requires_grad_(True)
 
     def plain_forward():
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=autocast):

@@ -279,11 +279,13 @@ def test_l0_falls_during_a_short_run_on_the_scenes(model, scenes):
     diffmask = DiffMask(model)
     start = expected_l0(diffmask)
     before = {name: t.clone() for name, t in model.vit.state_dict().items()}
+    model.vit.zero_grad(set_to_none=True)  # tests calling Trainer.step directly leave gradients
     log = train(diffmask, scenes, max_steps=30, epochs=10, batch_size=8, lr=1e-2, lr_placeholder=1e-2, warmup=5,
                 progress=False)
     assert (log.phase == "gates").sum() == 30 and (log.phase == "alpha").sum() == 30
     assert diffmask.running_steps.sum() == 60  # two objective evaluations per batch, one per optimiser
     assert all(torch.equal(before[name], t) for name, t in model.vit.state_dict().items())  # the ViT is frozen
+    assert all(p.grad is None for p in model.vit.parameters())  # no gradient was even computed for it
     assert expected_l0(diffmask) < start - 0.2, (start, expected_l0(diffmask))
     assert all(p.requires_grad for p in model.vit.parameters())  # restored after training
 
