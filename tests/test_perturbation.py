@@ -140,3 +140,16 @@ def test_cli_context_perturbation(tmp_path, capsys):
     assert "context_perturbation" in capsys.readouterr().out
     assert main(args) == 0  # resumed: recorded stores reused
     np.testing.assert_array_equal(pd.read_csv(tmp_path / "s" / "results" / "context_perturbation.csv"), table)
+
+
+def test_cli_attention_perturbation(tmp_path, capsys):
+    args = ["analyze", "attention-perturbation", "--store", str(tmp_path / "s"), "--n-per-class", "1",
+            "--no-progress"]
+    assert main(args) == 0
+    table = pd.read_csv(tmp_path / "s" / "results" / "attention_perturbation.csv")
+    assert table.kind.tolist() == ["self_only", "no_cls"]
+    assert (table.rate[0] < table.reference_rate[0]) and table.n_images.tolist() == [10, 10]
+    assert "attention_perturbation" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["analyze", "attention-perturbation", "--help"])
+    assert "--compat" in capsys.readouterr().out
