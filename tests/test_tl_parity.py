@@ -105,6 +105,12 @@ def test_full_decomposition_sums_to_the_residual(run):
         torch.testing.assert_close(full.sum(0), target, atol=1e-4, rtol=0)
     mid = cache.get_full_resid_decomposition(layer=0, mlp_input=True, expand_neurons=False)
     torch.testing.assert_close(mid.sum(0), cache["resid_mid", 0], atol=1e-4, rtol=0)
+    # apply_ln with a projection (TransformerLens' folded neuron path): ln1 by hand, then the projection.
+    project = torch.randn(32, 5, generator=torch.Generator().manual_seed(2))
+    projected = cache.get_full_resid_decomposition(layer=1, apply_ln=True, project_output_onto=project)
+    resid = cache["resid_pre", 1]
+    by_hand = (resid - resid.mean(-1, keepdim=True)) / cache["scale", 1, "ln1"] @ project
+    torch.testing.assert_close(projected.sum(0), by_hand, atol=1e-4, rtol=0)
 
 
 @torch.no_grad()
