@@ -243,49 +243,54 @@ def summarise(table, by: tuple[str, ...] = ("all", "class", "mask_size"), *, n_r
     return pd.DataFrame(rows)
 
 
-def plot(store_or_table, *, curves_of: str | None = None):
-    """Plotly figures of an evaluation: ``{"table": method x metric heatmap of the means with their 95%
-    intervals, "curves": deletion and insertion curves, the mean over images with a bootstrap band}``.
-    `store_or_table`: a store path (its ``results/evaluate.csv`` and per-method score stores) or a per-image table
-    (then no curves)."""
+def plot(store_or_table, *, kind: str = "table"):
+    """A plotly Figure of an evaluation.
+
+    kind="table": the method x metric heatmap of the means with their bootstrap 95% intervals, from a store path
+    (its ``results/evaluate.csv``) or the per-image table; kind="curves": the deletion and insertion curves of a
+    store path (its per-method score stores), the mean over images with a normal 95% band (mean ± 1.96 SE).
+    """
     import pandas as pd
     import plotly.graph_objects as go
+    from plotly.colors import qualitative
     from plotly.subplots import make_subplots
 
+    if kind not in ("table", "curves"):
+        raise ValueError(f"kind={kind!r}: use 'table' (method x metric) or 'curves' (deletion and insertion)")
     store = None if isinstance(store_or_table, pd.DataFrame) else Path(store_or_table)
     table = pd.read_csv(store / "results" / "evaluate.csv") if store is not None else store_or_table
-    summary = summarise(table, by=("all",), n_resamples=200)
-    summary["column"] = summary["metric"] + " (" + summary["level"] + ")"
-    means = summary.pivot(index="method", columns="column", values="mean")
-    text = summary.assign(t=summary.apply(lambda r: f"{r['mean']:.3f}<br>[{r.ci_low:.3f}, {r.ci_high:.3f}]", axis=1)
-                          ).pivot(index="method", columns="column", values="t")
-    table_fig = go.Figure(go.Heatmap(z=means.values, x=list(means.columns), y=list(means.index), text=text.values,
-                                     texttemplate="%{text}", colorscale="Viridis"))
-    table_fig.update_layout(title="method x metric: mean [bootstrap 95% interval]")
-    figures = {"table": table_fig}
-    if store is not None:
-        from vitlens.store import ActivationStore
+    if kind == "table":
+        summary = summarise(table, by=("all",), n_resamples=200)
+        summary["column"] = summary["metric"] + " (" + summary["level"] + ")"
+        means = summary.pivot(index="method", columns="column", values="mean")
+        text = summary.assign(t=summary.apply(lambda r: f"{r['mean']:.3f}<br>[{r.ci_low:.3f}, {r.ci_high:.3f}]",
+                                              axis=1)).pivot(index="method", columns="column", values="t")
+        figure = go.Figure(go.Heatmap(z=means.values, x=list(means.columns), y=list(means.index), text=text.values,
+                                      texttemplate="%{text}", colorscale="Viridis"))
+        return figure.update_layout(title="method x metric: mean [bootstrap 95% interval]")
+    if store is None:
+        raise ValueError("kind='curves' reads the per-method score stores: pass the store path, not a table")
+    from vitlens.store import ActivationStore
 
-        curves_fig = make_subplots(1, 2, subplot_titles=("deletion", "insertion"))
-        for i, method in enumerate(sorted(table["method"].unique())):
-            with ActivationStore(store / "results" / "evaluate" / method) as scores:
-                values = scores[f"scores.{method}"][:]
-                n_steps = scores.meta["outputs"][f"scores.{method}"]["computation"]["steps"] + 1
-            for col, part in enumerate((values[:, -2 * n_steps:-n_steps], values[:, -n_steps:])):
-                if np.isnan(part).all():
-                    continue
-                x = np.linspace(0, 1, part.shape[1])
-                mean, sd = np.nanmean(part, 0), np.nanstd(part, 0) / np.sqrt(len(part))
-                colour = f"hsl({37 * i % 360},60%,45%)"
-                curves_fig.add_trace(go.Scatter(x=np.r_[x, x[::-1]], y=np.r_[mean + 1.96 * sd, (mean - 1.96 * sd)[::-1]],
-                                                fill="toself", line={"width": 0}, fillcolor=colour, opacity=0.2,
-                                                showlegend=False, hoverinfo="skip"), 1, col + 1)
-                curves_fig.add_trace(go.Scatter(x=x, y=mean, name=method, line={"color": colour},
-                                                showlegend=col == 0), 1, col + 1)
-        curves_fig.update_xaxes(title="fraction of patches removed / inserted")
-        curves_fig.update_yaxes(title="target probability")
-        figures["curves"] = curves_fig
-    return figures
+    figure = make_subplots(1, 2, subplot_titles=("deletion", "insertion"))
+    palette = qualitative.Plotly + qualitative.D3
+    for i, method in enumerate(sorted(table["method"].unique())):
+        with ActivationStore(store / "results" / "evaluate" / method) as scores:
+            values = scores[f"scores.{method}"][:]
+            n_steps = scores.meta["outputs"][f"scores.{method}"]["computation"]["steps"] + 1
+        colour = palette[i % len(palette)]
+        for col, part in enumerate((values[:, -2 * n_steps:-n_steps], values[:, -n_steps:])):
+            if np.isnan(part).all():
+                continue
+            x = np.linspace(0, 1, part.shape[1])
+            mean, se = np.nanmean(part, 0), np.nanstd(part, 0) / np.sqrt(len(part))
+            figure.add_trace(go.Scatter(x=np.r_[x, x[::-1]], y=np.r_[mean + 1.96 * se, (mean - 1.96 * se)[::-1]],
+                                        fill="toself", line={"width": 0}, fillcolor=colour, opacity=0.2,
+                                        showlegend=False, hoverinfo="skip"), 1, col + 1)
+            figure.add_trace(go.Scatter(x=x, y=mean, name=method, line={"color": colour}, showlegend=col == 0),
+                             1, col + 1)
+    figure.update_xaxes(title="fraction of patches removed / inserted")
+    return figure.update_yaxes(title="target probability")
 
 
 def cli(args) -> None:

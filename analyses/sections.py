@@ -262,12 +262,10 @@ def benchmark(study) -> list:
     from analyses import faithfulness
 
     folder = study.tables["evaluate"].parent.parent  # <maps store>/results/evaluate.csv
-    figures = faithfulness.plot(folder)
     summary = study.table("evaluate_summary")
     overall = summary[summary["group"] == "all"]
     cells = overall.assign(column=overall["metric"] + " (" + overall["level"] + ")",
                            cell=overall.apply(lambda r: f"{r['mean']:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]", axis=1))
     wide = cells.pivot(index="method", columns="column", values="cell").reset_index()
-    table = figures["table"]
-    table.update_layout(height=140 + 45 * len(wide), margin=dict(b=160))
-    return [table, *([figures["curves"]] if "curves" in figures else []), table_html(wide)]
+    table = faithfulness.plot(folder).update_layout(height=140 + 45 * len(wide), margin=dict(b=160))
+    return [table, faithfulness.plot(folder, kind="curves"), table_html(wide)]

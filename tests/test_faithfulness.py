@@ -216,8 +216,15 @@ def test_evaluate_store_tidy_table_and_resume(map_store):
     assert set(summary.group) == {"all", "class", "mask_size"}
     again = fa.evaluate(path, data, metrics=metrics, model=model, progress=False)  # resumes: nothing recomputed
     assert again.equals(table)
-    figures = fa.plot(path)
-    assert len(figures["curves"].data) > 0 and figures["table"].data[0].z.shape == (4, 6)
+    heatmap = fa.plot(path).data[0]  # the method x metric table: the summary's means
+    columns, rows = list(heatmap.x), list(heatmap.y)
+    assert heatmap.z[rows.index("rollout")][columns.index("deletion (patch)")] == pytest.approx(
+        table[(table.method == "rollout") & (table.metric == "deletion")].value.mean())
+    curves = fa.plot(path, kind="curves")  # rollout's mean deletion curve over the images
+    line = next(trace for trace in curves.data if trace.name == "rollout")
+    np.testing.assert_allclose(line.y, fa.deletion(model, images, maps, labels).curves.mean(0).numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="kind"):
+        fa.plot(path, kind="bars")
 
 
 def test_interrupted_evaluation_resumes_to_the_same_table(map_store, tmp_path, monkeypatch):
