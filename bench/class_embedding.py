@@ -21,6 +21,11 @@ Ratios of throughput (images/s), higher is better:
         only for pretrained weights, and this bench uses random init. Saving them (about 37 MB per class
         for ViT-B/16, mostly attn-w) would make the baseline slower, so leaving them out favours the study.
     Not timed on either side: reading and preprocessing the images (both get the same tensors).
+Also printed: the FLOP ceiling (projection FLOPs / forward FLOPs; at an equal FLOP rate the recording cannot
+exceed 1 / (1 + that) of the forward: 0.76 for ViT-B/16 in float32, higher where bfloat16 runs natively),
+and the ceiling of the second ratio, the study's loop / the plain forward: the recording is never faster than
+the forward, so on a CPU, where the study's loop costs about 3 forwards, the 10x goal is out of reach; on a
+GPU the study's batches of 5 leave the device mostly idle and the goal is reachable.
 Timings from a shared machine are noisy: the calls are interleaved and the fastest repeat is kept.
 """
 from __future__ import annotations
@@ -85,6 +90,21 @@ def study_loop(extractor, vit, images: torch.Tensor, labels: torch.Tensor, devic
     torch.save(torch.hstack(accuracy), folder / "acc.pt")
 
 
+def flop_ceiling(model) -> tuple[float, float]:
+    """(forward FLOPs, projection FLOPs) per image: the forward counted by torch's FlopCounterMode, the
+    projection as 2 x kinds x layers x tokens x d_model x classes (the head's matmul; norms and top-5 not
+    counted). ``1 / (1 + projection / forward)`` bounds the recording/forward ratio when both run at the
+    same FLOP rate (float32); a faster bfloat16 matmul (AMX, tensor cores) lifts that bound."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    image = torch.zeros(1, 3, *model.image_size, device=model.W_U.device)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model.vit(image)
+    cfg = model.cfg
+    projection = 2 * len(class_embedding.SOURCES) * cfg.n_layers * model.layout.n_tokens * cfg.d_model * cfg.d_vocab
+    return counter.get_total_flops(), projection
+
+
 def main() -> None:
     args = parse_args(__doc__, images=(16, 1280), repeats=2)
     device, _, batch = device_and_dtype()
@@ -117,6 +137,10 @@ def main() -> None:
 
     resolved = class_embedding.resolve_precision("auto", device)
     print(f"vit_base_patch16_224 (random init), {n} images, batch {batch}, {device}; precision auto = {resolved}")
+    forward_flops, projection_flops = flop_ceiling(model)
+    print(f"  FLOPs per image: forward {forward_flops / 1e9:.1f} G, projection of 3 kinds {projection_flops / 1e9:.1f} G "
+          f"({projection_flops / forward_flops:.0%}); ceiling at equal FLOP rate "
+          f"{1 / (1 + projection_flops / forward_flops):.2f} of the forward")
     try:
         times = time_interleaved({"plain": plain, "auto": recording("auto"), "float32": recording("float32"),
                                   "study": study}, device, repeats=args.repeats, warmup=0 if device.type == "cpu" else 1)
@@ -129,6 +153,7 @@ def main() -> None:
     print_ratio("run (float32) / plain eager forward", times["plain"] / times["float32"], 0.8)
     print_ratio(f"run (auto={resolved}) / the study's capture-then-project loop (batch 5)",
                 times["study"] / times["auto"], 10)
+    print(f"  ceiling of that ratio (the study's loop / the plain forward alone): {times['study'] / times['plain']:.2f}")
 
 
 if __name__ == "__main__":
