@@ -207,6 +207,7 @@ def main(args: argparse.Namespace) -> None:
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     model, dataset = _inputs(args)
+    torch.manual_seed(args.seed)  # the gates' initialisation, so that a run is reproducible
     diffmask = DiffMask(model, mul_activation=args.mul_activation, add_activation=args.add_activation,
                         placeholder=not args.no_placeholder, alpha=args.alpha)
     log = train(diffmask, dataset, args.out, epochs=args.epochs, max_steps=args.max_steps,
