@@ -457,6 +457,9 @@ def test_train_diffmask_command_writes_gates_and_resumes(tmp_path, capsys):
     assert main(argv) == 0
     log = (out / "log.csv").read_text().splitlines()
     assert len(log) == 1 + 4 and (out / "diffmask.safetensors").exists()
+    again = tmp_path / "again"  # --seed also fixes the gates' initialisation: a second run is identical
+    assert main(argv[:6] + [str(again)] + argv[7:]) == 0
+    assert (again / "diffmask.safetensors").read_bytes() == (out / "diffmask.safetensors").read_bytes()
     assert main(argv[:-3] + ["--max-steps", "3", "--no-progress"]) == 0  # resumes: one more batch
     assert len((out / "log.csv").read_text().splitlines()) == 1 + 6
     capsys.readouterr()
