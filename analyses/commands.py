@@ -43,12 +43,12 @@ def _study_arguments(parser) -> None:
     parser.add_argument("--mask-resize", choices=("nearest", "area"), default=None,
                         help="token masks: default area for the scenes, nearest (the study's) otherwise")
     _run_arguments(parser, batch_size=32, split=False)
+    parser.add_argument("--random-twin", action="store_true", help="also run a seeded random init of the same "
+                                                                   "architecture (recorded under STORE-random)")
 
 
 def _identifiability_arguments(parser) -> None:
     _study_arguments(parser)
-    parser.add_argument("--random-twin", action="store_true", help="also record a seeded random init of the same "
-                                                                   "architecture into STORE-random and compare")
     parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
                         help="projection precision (auto: bfloat16 only where the hardware runs it natively)")
 
@@ -63,12 +63,14 @@ registry.command("analyze", "attention-perturbation", "identifiability under sel
                  "analyses.perturbation:cli_attention", _study_arguments,
                  description="Run the model with image tokens attending only to themselves (self_only) and without "
                              "attention to CLS (no_cls) in every block; record the last layer's ranks under "
-                             "STORE/perturbation/ (resumable) and write STORE/results/attention_perturbation.csv.")
+                             "STORE/perturbation/ (resumable) and write STORE/results/attention_perturbation.csv "
+                             "(with --random-twin, the random twin's too, in attention_perturbation_random.csv).")
 registry.command("analyze", "context-perturbation", "identifiability with the context or the object tokens removed",
                  "analyses.perturbation:cli_context", _study_arguments,
                  description="Keep CLS and the object tokens (context) or CLS and the context tokens (class_label), "
                              "dropped after the position embedding, from the dataset's token masks; record under "
-                             "STORE/perturbation/ (resumable) and write STORE/results/context_perturbation.csv.")
+                             "STORE/perturbation/ (resumable) and write STORE/results/context_perturbation.csv "
+                             "(with --random-twin, the random twin's too, in context_perturbation_random.csv).")
 
 # --- memories, probing, saliency (analyses/memories.py, probing.py, saliency.py) ---------------------------
 

@@ -371,12 +371,16 @@ def store_path(store: str | os.PathLike, kind: str) -> Path:
 
 
 def _cli(args, kinds: Sequence[str], table_name: str) -> None:
-    from analyses.class_embedding import load_inputs, write_tables
+    from analyses.class_embedding import load_inputs, random_model, random_twin_path, write_tables
 
     model, data = load_inputs(args)
-    rows = [run(model, data, kind, compat=args.compat, store=store_path(args.store, kind),
-                batch_size=args.batch_size, device=args.device, progress=not args.no_progress) for kind in kinds]
-    write_tables(args.store, {table_name: pd.concat(rows, ignore_index=True)})
+    models = {table_name: (model, args.store)}
+    if args.random_twin:  # the study's random baseline: the same perturbations on a seeded random init
+        models[f"{table_name}_random"] = random_model(model), random_twin_path(args.store)
+    tables = {name: pd.concat([run(m, data, kind, compat=args.compat, store=store_path(root, kind),
+                                   batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+                               for kind in kinds], ignore_index=True) for name, (m, root) in models.items()}
+    write_tables(args.store, tables)
 
 
 def cli_attention(args) -> None:

@@ -138,12 +138,14 @@ def main() -> None:
     resolved = class_embedding.resolve_precision("auto", device)
     print(f"vit_base_patch16_224 (random init), {n} images, batch {batch}, {device}; precision auto = {resolved}")
     forward_flops, projection_flops = flop_ceiling(model)
-    print(f"  FLOPs per image: forward {forward_flops / 1e9:.1f} G, projection of 3 kinds {projection_flops / 1e9:.1f} G "
+    print(f"  FLOPs per image: forward {forward_flops / 1e9:.1f} G, "
+          f"projection of 3 kinds {projection_flops / 1e9:.1f} G "
           f"({projection_flops / forward_flops:.0%}); ceiling at equal FLOP rate "
           f"{1 / (1 + projection_flops / forward_flops):.2f} of the forward")
     try:
         times = time_interleaved({"plain": plain, "auto": recording("auto"), "float32": recording("float32"),
-                                  "study": study}, device, repeats=args.repeats, warmup=0 if device.type == "cpu" else 1)
+                                  "study": study}, device, repeats=args.repeats,
+                                 warmup=0 if device.type == "cpu" else 1)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     sync(device)
@@ -153,7 +155,8 @@ def main() -> None:
     print_ratio("run (float32) / plain eager forward", times["plain"] / times["float32"], 0.8)
     print_ratio(f"run (auto={resolved}) / the study's capture-then-project loop (batch 5)",
                 times["study"] / times["auto"], 10)
-    print(f"  ceiling of that ratio (the study's loop / the plain forward alone): {times['study'] / times['plain']:.2f}")
+    ceiling = times["study"] / times["plain"]
+    print(f"  ceiling of that ratio (the study's loop / the plain forward alone): {ceiling:.2f}")
 
 
 if __name__ == "__main__":

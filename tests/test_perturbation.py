@@ -7,6 +7,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import vitlens
+from analyses import class_embedding as ce
 from analyses import perturbation as pt
 from helpers.tiny import SyntheticImages, tiny_model
 from vitlens import HookedViT
@@ -144,11 +145,19 @@ def test_cli_context_perturbation(tmp_path, capsys):
 
 def test_cli_attention_perturbation(tmp_path, capsys):
     args = ["analyze", "attention-perturbation", "--store", str(tmp_path / "s"), "--n-per-class", "1",
-            "--no-progress"]
+            "--no-progress", "--random-twin"]
     assert main(args) == 0
     table = pd.read_csv(tmp_path / "s" / "results" / "attention_perturbation.csv")
     assert table.kind.tolist() == ["self_only", "no_cls"]
     assert (table.rate[0] < table.reference_rate[0]) and table.n_images.tolist() == [10, 10]
+    random = pd.read_csv(tmp_path / "s" / "results" / "attention_perturbation_random.csv")
+    twin = ce.random_model(vitlens.load_model("tiny-scenes"))  # the twin's unperturbed accuracy, computed plainly
+    data = load_dataset("scenes", model=twin, mask_resize="area", n_per_class=1)
+    with torch.inference_mode():
+        logits = twin(torch.stack([data[i]["image"] for i in range(len(data))]))
+    accuracy = 100 * (logits.argmax(1).numpy() == data.samples["label"].to_numpy()).mean()
+    assert random.reference_accuracy.tolist() == pytest.approx([accuracy, accuracy])
+    assert (tmp_path / "s-random" / "perturbation" / "self_only").exists()
     assert "attention_perturbation" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["analyze", "attention-perturbation", "--help"])
