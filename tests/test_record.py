@@ -511,3 +511,20 @@ def test_the_shuffled_loader_reads_every_sample_once_per_epoch_in_blocks(referen
     assert plain == list(range(40))
     with pytest.raises(ValueError, match="loader batch_size must be a positive number"):
         store.loader("hook_logits", 0)
+
+
+@pytest.mark.parametrize("block_size, starts", [(4, range(0, 40, 4)), (8, range(0, 40, 8)), (12, range(0, 40, 8)),
+                                                (16, [0, 16, 32]), (64, [0])])
+def test_loader_blocks_are_whole_small_shards_or_runs_within_a_shard(reference, block_size, starts):
+    """Shards of 8: blocks below 8 samples cut a shard, larger ones are block_size // 8 whole shards."""
+    store = ActivationStore(reference / "40")
+    loader = store.loader("hook_logits", 5, seed=1, block_size=block_size)
+    stops = [*starts[1:], 40]
+    assert [b.tolist() for b in loader.sampler.blocks] == [list(range(a, b)) for a, b in zip(starts, stops)]
+    batches = list(loader)
+    rows = np.concatenate([b["index"].numpy() for b in batches])
+    assert sorted(rows) == list(range(40))
+    logits = np.concatenate([b["hook_logits"].numpy() for b in batches])
+    with h5py.File(reference / "40" / "shards" / "shard_00000.h5") as f:  # the first shard, through h5py
+        first = f["hook_logits"][:]
+    np.testing.assert_array_equal(logits[rows < 8][np.argsort(rows[rows < 8])], first)

@@ -268,6 +268,22 @@ def test_a_shard_deleted_under_an_open_reader_raises_instead_of_zeros(store_copy
     np.testing.assert_array_equal(store["hook_logits"][16:24], reference["hook_logits"][16:24])
 
 
+def test_single_row_reads_see_a_shard_rewritten_in_place_and_a_closed_store(store_copy, recorded):
+    """The per-sample fast path checks the shard file on every call: new contents are read, never stale ones."""
+    store, reference = ActivationStore(store_copy), ActivationStore(recorded)
+    row = store["hook_logits"][np.int64(10)]
+    np.testing.assert_array_equal(row, reference["hook_logits"][10:11][0])
+    row += 1  # a private copy, not a view of the shard
+    np.testing.assert_array_equal(store["hook_logits"][10], reference["hook_logits"][10:11][0])
+    with h5py.File(store_copy / "shards" / "shard_00001.h5", "r+") as f:  # same size, new values
+        f["hook_logits"][...] = np.arange(f["hook_logits"].size, dtype=np.float32).reshape(f["hook_logits"].shape)
+    width = reference["hook_logits"].shape[1]
+    np.testing.assert_array_equal(store["hook_logits"][10], np.arange(2 * width, 3 * width, dtype=np.float32))
+    np.testing.assert_array_equal(store["hook_logits"][3], reference["hook_logits"][3:4][0])
+    store.close()
+    with pytest.raises(ValueError, match="is closed"):
+        store["hook_logits"][3]
+
 def test_an_edited_store_json_is_detected_and_intact_shards_are_not_blamed(store_copy):
     meta_file = store_copy / "store.json"
     original = meta_file.read_text()

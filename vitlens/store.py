@@ -210,9 +210,8 @@ class StoreArray:
         return f"StoreArray({self.name!r}, shape={self.shape}, dtype={self.dtype})"
 
     def __getitem__(self, key) -> np.ndarray:
-        if isinstance(key, (int, np.integer)) and 0 <= key < self.shape[0]:  # the per-sample fast path
-            rest: tuple = (slice(None),) * (self.ndim - 1)
-            return self._read_rows(np.array([key]), rest, single=int(key))
+        if type(key) is int and 0 <= key < self.shape[0] or isinstance(key, np.integer) and 0 <= key < self.shape[0]:
+            return self.store._row(self.name, int(key))  # the per-sample fast path: one stat, one copy
         first, *rest = self._normalise(key)
         if isinstance(first, slice):
             start, stop, step = first.indices(self.shape[0])
@@ -346,6 +345,7 @@ class ActivationStore:
         self._index_stat: tuple | None = None
         self._trusted: dict[int, dict] = {}
         self.shard_opens = 0  # shard files opened to verify them (what refresh costs)
+        self._files = [str(self.shard_path(shard)) for shard in range(self.n_shards)]  # stat'ed on every read
         self._closed = False
         self.refresh()
         if model is not None:
@@ -424,18 +424,29 @@ class ActivationStore:
         """Check that the `shards` a read touches are still the verified files, then that `rows` are done."""
         if self._closed:
             raise ValueError(f"{self.path} is closed; open it again with vitlens.ActivationStore(path)")
-        for shard in shards:
-            known = self._shards.get(shard)
-            if known is None:
-                continue
-            try:
-                current = _signature(os.stat(self.shard_path(shard)))
-            except FileNotFoundError:
-                current = None
-            if current != known:  # deleted or replaced since it was verified: look again
-                self.refresh()
-                break
+        if not all(self._unchanged(shard) for shard in shards):
+            self.refresh()  # deleted or replaced since it was verified: look again
         self.require_done(rows)
+
+    def _unchanged(self, shard: int) -> bool:
+        """Whether `shard` is unverified, or still the file this reader verified (one ``os.stat``)."""
+        known = self._shards.get(shard)
+        if known is None:
+            return True
+        try:
+            stat = os.stat(self._files[shard])
+        except FileNotFoundError:
+            return False
+        return (stat.st_size, stat.st_mtime_ns) == known
+
+    def _row(self, name: str, row: int) -> np.ndarray:
+        """A copy of sample `row` (0 <= row < len) of output `name`: ``store[name][row]`` without index parsing."""
+        shard = row // self.meta["shard_size"]
+        if self._closed or not self._unchanged(shard):
+            self._require((shard,), np.array([row]))
+        elif not self._done[row]:
+            self.require_done(np.array([row]))
+        return np.array(self._source(shard, name)[row - shard * self.meta["shard_size"]])
 
     # ----------------------------------------------------------------------------------- layout
     @property
@@ -539,9 +550,13 @@ class ActivationStore:
         """A torch ``DataLoader`` of ``{output: tensor [batch, *shape], "index": [batch]}`` over the recorded
         samples, for training probes, gates or sparse autoencoders from a store.
 
-        Shuffling is by blocks: the samples are cut into runs of `block_size` consecutive rows (never
-        across shards), the runs are permuted each epoch (seeded by `seed` and the epoch), and each batch is
-        shuffled within itself; reads stay close to sequential disk speed. ``shuffle=False`` reads in order.
+        Shuffling is by blocks of consecutive recorded samples: with shards of at least `block_size`
+        samples, a block is `block_size` samples of one shard; with smaller shards, a block is
+        ``block_size // shard_size`` whole shards (so blocks never shrink to tiny shards). The blocks are
+        permuted each epoch (seeded by `seed` and the epoch), each batch is filled with whole blocks in that
+        order and shuffled within itself. A batch is read as one slice per run of consecutive samples, so
+        reads stay close to sequential disk speed (a batch of 256 with the default blocks of 64: about 4
+        slices). ``shuffle=False`` reads in order.
         """
         from torch.utils.data import DataLoader
 
@@ -554,8 +569,9 @@ class ActivationStore:
         rows = np.flatnonzero(self.done)
         if rows.size == 0:
             raise NotRecordedError(f"{self.path} has no recorded samples yet; record it before loading from it")
-        cuts = np.flatnonzero((np.diff(rows) != 1) | (np.diff(rows // self.shard_size) != 0)) + 1
-        blocks = [b for run in np.split(rows, cuts) for b in np.split(run, range(block_size, len(run), block_size))]
+        size = self.shard_size
+        block = rows // (block_size // size * size) if block_size >= size else rows // size * size + rows % size // block_size
+        blocks = np.split(rows, np.flatnonzero((np.diff(rows) != 1) | (np.diff(block) != 0)) + 1)
         sampler = _BlockBatches(blocks, batch_size, shuffle, seed, drop_last)
         return DataLoader(_BatchReader(self.path, names), batch_size=None, sampler=sampler,
                           num_workers=num_workers)
@@ -751,8 +767,19 @@ class _BatchReader:
 
         if self.store is None:
             self.store = ActivationStore(self.path)
-        return {"index": torch.from_numpy(rows), **{name: torch.from_numpy(self.store[name][rows])
-                                                    for name in self.names}}
+        order = np.argsort(rows, kind="stable")
+        bounds = [0, *(np.flatnonzero(np.diff(rows[order]) != 1) + 1).tolist(), len(rows)]  # runs: read as slices
+        in_order = bool((order[1:] > order[:-1]).all())
+
+        def read(name: str) -> np.ndarray:
+            array = self.store[name]
+            out = np.empty((len(rows), *array.shape[1:]), array.dtype)
+            for a, b in zip(bounds, bounds[1:]):  # each run straight to its places in the batch
+                start = int(rows[order[a]])
+                out[slice(a, b) if in_order else order[a:b]] = array[start:start + b - a]
+            return torch.from_numpy(out)
+
+        return {"index": torch.from_numpy(rows), **{name: read(name) for name in self.names}}
 
 
 def shard_info(path: Path, store: ActivationStore, shard: int) -> dict:
