@@ -22,7 +22,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import mmap
 import os
 import re
 import resource
@@ -34,6 +33,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 import h5py
 import numpy as np
 import pandas as pd
+
+from vitlens.store_arrays import StoreArray, _OpenShard
+from vitlens.store_identity import identity_difference
 
 if TYPE_CHECKING:
     from vitlens.hooked import TokenLayout
@@ -107,215 +109,6 @@ def as_json(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=default))
 
 
-class _Absent:
-    def __repr__(self) -> str:
-        return "absent"
-
-
-def _first_difference(a: Any, b: Any, where: str = "") -> tuple[str, Any, Any] | None:
-    """(location, a's value, b's value) of the first place where two JSON values differ, or None."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in list(a) + [k for k in b if k not in a]:
-            found = _first_difference(a.get(key, _Absent()), b.get(key, _Absent()),
-                                      f"{where}.{key}" if where else str(key))
-            if found:
-                return found
-        return None
-    if isinstance(a, list) and isinstance(b, list):
-        if len(a) != len(b):
-            return where, f"{len(a)} entries", f"{len(b)} entries"
-        for i, (x, y) in enumerate(zip(a, b)):
-            found = _first_difference(x, y, f"{where}[{i}]")
-            if found:
-                return found
-        return None
-    return None if a == b or isinstance(a, _Absent) and isinstance(b, _Absent) else (where, a, b)
-
-
-def _short(value: Any) -> str:
-    """A value for an error message: hashes are cut to 12 characters; other values are shown whole."""
-    if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{32,}", value):
-        return value[:12] + "…"
-    return value if isinstance(value, str) and value.endswith(" entries") else repr(value)
-
-
-# What must agree between a store and a request to read, resume or extend it: (label, path in store.json).
-_IDENTITY = (
-    ("model tag", ("model", "tag")),
-    ("weights hash", ("model", "weights_hash")),
-    ("preprocessing", ("preprocessing",)),
-    ("token layout", ("layout",)),
-    ("sample list", ("samples",)),
-    ("dtype", ("dtype",)),
-    ("autocast", ("autocast",)),
-    ("shard size", ("shard_size",)),
-    ("output set", ("outputs",)),
-)
-
-
-def _lookup(meta: Mapping, path: tuple[str, ...]) -> Any:
-    for key in path:
-        if not isinstance(meta, Mapping) or key not in meta:
-            return _Absent()
-        meta = meta[key]
-    return meta
-
-
-def _without_shapes(outputs: Mapping[str, Mapping]) -> dict:
-    return {name: {k: v for k, v in spec.items() if k != "shape"} for name, spec in outputs.items()}
-
-
-def _outer(array, key: tuple) -> np.ndarray:
-    """``array[key]`` with outer indexing (as h5py): each index array selects along its own axis.
-
-    `key` holds one int, slice or non-negative int64 array per axis; `array` is a numpy array, a memory
-    map or an h5py dataset. Arrays are read as their bounding range, then taken in numpy.
-    """
-    basic = tuple(slice(int(k.min()), int(k.max()) + 1) if isinstance(k, np.ndarray) and k.size
-                  else slice(0, 0) if isinstance(k, np.ndarray) else k for k in key)
-    out, axis = array[basic], 0
-    for k, b in zip(key, basic):
-        if isinstance(k, np.ndarray):
-            out = np.take(out, k - b.start, axis=axis)
-        axis += not isinstance(k, (int, np.integer))
-    return np.array(out)  # a copy: never a view into a memory map
-
-
-class StoreArray:
-    """A lazy ``[n_samples, *shape]`` view of one output of a store.
-
-    Indexing reads only the selected samples and tokens from the shards, e.g.
-    ``store["blocks.1.hook_resid_post"][i:j, token_idx]``. Token indices refer to the stored token axis;
-    ``.tokens`` maps it to the model's layout (None when all tokens were kept). Index arrays may be
-    unsorted, repeated or negative; each array selects along its own axis (outer indexing, as h5py).
-    Samples that are not recorded raise :class:`NotRecordedError`.
-    """
-
-    def __init__(self, store: "ActivationStore", spec: OutputSpec):
-        self.store, self.spec = store, spec
-        self.shape = (len(store), *spec.shape)
-        self.dtype = np.dtype(spec.dtype)
-        self.ndim = len(self.shape)
-
-    name = property(lambda self: self.spec.name)
-    tokens = property(lambda self: self.spec.tokens)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __array__(self, dtype=None, copy=None):
-        return self[:] if dtype is None else self[:].astype(dtype)
-
-    def __repr__(self) -> str:
-        return f"StoreArray({self.name!r}, shape={self.shape}, dtype={self.dtype})"
-
-    def __getitem__(self, key) -> np.ndarray:
-        if type(key) is int and 0 <= key < self.shape[0] or isinstance(key, np.integer) and 0 <= key < self.shape[0]:
-            return self.store._row(self.name, int(key))  # the per-sample fast path: one stat, one copy
-        first, *rest = self._normalise(key)
-        if isinstance(first, slice):
-            start, stop, step = first.indices(self.shape[0])
-            if step == 1:
-                return self._read_range(start, max(start, stop), tuple(rest))
-            first = np.arange(start, stop, step)
-        if isinstance(first, (int, np.integer)):
-            return self._read_rows(np.array([first]), tuple(rest), single=int(first))
-        return self._read_rows(first, tuple(rest))
-
-    def _read_range(self, start: int, stop: int, rest: tuple) -> np.ndarray:
-        size = self.store.shard_size
-        shards = range(start // size, -(-stop // size)) if stop > start else range(0)
-        self.store._require(shards, np.arange(start, stop))
-        parts = [_outer(self.store._source(s, self.name), (slice(max(start, s * size) - s * size,
-                                                                 min(stop, (s + 1) * size) - s * size), *rest))
-                 for s in shards]
-        return np.concatenate(parts) if parts else _outer(np.empty((0, *self.shape[1:]), self.dtype),
-                                                          (slice(0, 0), *rest))
-
-    def _read_rows(self, rows: np.ndarray, rest: tuple, single: int | None = None) -> np.ndarray:
-        size = self.store.shard_size
-        if single is not None:
-            shard = single // size
-            self.store._require((shard,), rows)
-            return _outer(self.store._source(shard, self.name), (single - shard * size, *rest))
-        shard_of = rows // size
-        order = np.argsort(shard_of, kind="stable")
-        shards, first = np.unique(shard_of[order], return_index=True)
-        self.store._require(shards.tolist(), rows)
-        bounds = [*first.tolist(), len(rows)]
-        parts = [_outer(self.store._source(int(s), self.name), (rows[order[a:b]] - int(s) * size, *rest))
-                 for s, a, b in zip(shards, bounds, bounds[1:])]
-        if not parts:
-            return _outer(np.empty((0, *self.shape[1:]), self.dtype), (np.empty(0, np.int64), *rest))
-        return np.concatenate(parts)[np.argsort(order, kind="stable")]
-
-    def _normalise(self, key) -> tuple:
-        key = key if isinstance(key, tuple) else (key,)
-        if any(k is Ellipsis for k in key):
-            at = next(i for i, k in enumerate(key) if k is Ellipsis)
-            key = key[:at] + (slice(None),) * (self.ndim - len(key) + 1) + key[at + 1:]
-        if len(key) > self.ndim:
-            raise IndexError(f"too many indices: {self.name} is {self.ndim}-dimensional, {len(key)} were given")
-        key = key + (slice(None),) * (self.ndim - len(key))
-        return tuple(self._normalise_one(k, n) for k, n in zip(key, self.shape))
-
-    @staticmethod
-    def _normalise_one(k, n: int):
-        if hasattr(k, "numpy") and hasattr(k, "cpu"):  # a torch tensor (torch itself is not imported here)
-            k = k.cpu().numpy()
-        if isinstance(k, (list, range)):
-            k = np.asarray(k)
-        if isinstance(k, np.ndarray):
-            if k.dtype == bool:
-                if k.shape != (n,):
-                    raise IndexError(f"boolean index of shape {k.shape} does not match an axis of size {n}")
-                return np.flatnonzero(k)
-            if k.size and k.dtype.kind not in "iu":
-                raise IndexError(f"index arrays must be integer or boolean, got {k.dtype}")
-            if k.size and not -n <= k.min() <= k.max() < n:
-                raise IndexError(f"index array {k.min()}..{k.max()} is out of range for an axis of size {n}")
-            k = k.astype(np.int64)
-            return int(k) % n if k.ndim == 0 else np.where(k < 0, k + n, k)
-        if isinstance(k, (int, np.integer)):
-            if not -n <= k < n:
-                raise IndexError(f"index {k} is out of range for an axis of size {n}")
-            return int(k) % n
-        if isinstance(k, slice):
-            return k
-        raise IndexError(f"unsupported index {k!r}: use ints, slices, integer or boolean arrays")
-
-
-class _OpenShard:
-    """A shard file open for reading: contiguous outputs as views of one memory map, others through h5py."""
-
-    def __init__(self, path: Path, outputs: Mapping[str, OutputSpec]):
-        self.h5 = h5py.File(path, "r")
-        self.arrays: dict[str, Any] = {}
-        self.map: mmap.mmap | None = None
-        for name, spec in outputs.items():
-            dataset = self.h5[name]
-            offset = dataset.id.get_offset()
-            if dataset.chunks is None and offset is not None:
-                if self.map is None:
-                    with open(path, "rb") as f:
-                        self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                self.arrays[name] = np.frombuffer(self.map, dtype=dataset.dtype, count=dataset.size,
-                                                  offset=offset).reshape(dataset.shape)
-            else:
-                self.arrays[name] = dataset
-        if all(isinstance(a, np.ndarray) for a in self.arrays.values()):
-            self.h5.close()
-
-    def close(self) -> None:
-        self.arrays.clear()  # the numpy views go first, so that the map can close
-        if self.map is not None:
-            try:
-                self.map.close()
-            except BufferError:  # a caller still holds a view: the map closes when it is collected
-                pass
-        self.h5.close()
-
-
 class ActivationStore:
     """A sharded HDF5 activation cache of one model over one dataset; see the module docstring.
 
@@ -385,22 +178,9 @@ class ActivationStore:
         token layout, samples, outputs with their token selections, dtype, autocast, shard size).
         """
         hint = hint or f"use a new path, or delete {self.path} to record it again"
-        request = as_json(request)
-        for label, key in _IDENTITY:
-            wanted = _lookup(request, key)
-            if isinstance(wanted, _Absent):
-                continue
-            stored = _lookup(self.meta, key)
-            if key == ("outputs",):
-                stored, wanted = _without_shapes(stored), _without_shapes(wanted)
-            if stored == wanted:  # fast path: the walk below is slow on long sample lists
-                continue
-            difference = _first_difference(stored, wanted)
-            if difference:
-                where, a, b = difference
-                detail = f" at {where}" if where and label not in ("model tag", "weights hash") else ""
-                raise StoreMismatchError(f"{label} differs{detail}: store {_short(a)}, {source} "
-                                         f"{_short(b)} (store {self.path}); {hint}")
+        difference = identity_difference(self.meta, as_json(request), source)
+        if difference:
+            raise StoreMismatchError(f"{difference} (store {self.path}); {hint}")
 
     def check_model(self, model) -> None:
         """Raise :class:`StoreMismatchError` unless the store was recorded with `model` (tag, weights)."""
@@ -558,23 +338,10 @@ class ActivationStore:
         reads stay close to sequential disk speed (a batch of 256 with the default blocks of 64: about 4
         slices). ``shuffle=False`` reads in order.
         """
-        from torch.utils.data import DataLoader
+        from vitlens.loader import store_loader
 
-        names = [outputs] if isinstance(outputs, str) else list(outputs)
-        for name in names:
-            self[name]  # KeyError naming close matches
-        for label, value in (("batch_size", batch_size), ("block_size", block_size)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"loader {label} must be a positive number of samples, got {value!r}")
-        rows = np.flatnonzero(self.done)
-        if rows.size == 0:
-            raise NotRecordedError(f"{self.path} has no recorded samples yet; record it before loading from it")
-        size = self.shard_size
-        block = rows // (block_size // size * size) if block_size >= size else rows // size * size + rows % size // block_size
-        blocks = np.split(rows, np.flatnonzero((np.diff(rows) != 1) | (np.diff(block) != 0)) + 1)
-        sampler = _BlockBatches(blocks, batch_size, shuffle, seed, drop_last)
-        return DataLoader(_BatchReader(self.path, names), batch_size=None, sampler=sampler,
-                          num_workers=num_workers)
+        return store_loader(self, outputs, batch_size, shuffle=shuffle, seed=seed, block_size=block_size,
+                            drop_last=drop_last, num_workers=num_workers)
 
     def cache_for(self, i: int, model=None):
         """A TransformerLens-style ``ActivationCache`` (batch dim 1) of sample `i`.
@@ -731,55 +498,6 @@ class ActivationStore:
     def __repr__(self) -> str:
         return (f"ActivationStore({str(self.path)!r}, tag={self.tag!r}, "
                 f"{int(self.done.sum())}/{len(self)} samples, outputs={self.keys()})")
-
-
-class _BlockBatches:
-    """The loader's sampler: batches of row indices [batch], from blocks permuted anew each epoch."""
-
-    def __init__(self, blocks: list[np.ndarray], batch_size: int, shuffle: bool, seed: int, drop_last: bool):
-        self.blocks, self.batch_size, self.shuffle, self.seed, self.drop_last = blocks, batch_size, shuffle, seed, drop_last
-        self.n_rows, self.epoch = sum(len(b) for b in blocks), 0
-
-    def __len__(self) -> int:
-        return self.n_rows // self.batch_size if self.drop_last else -(-self.n_rows // self.batch_size)
-
-    def __iter__(self):
-        rng = np.random.default_rng([self.seed, self.epoch])
-        self.epoch += 1
-        order = rng.permutation(len(self.blocks)) if self.shuffle else range(len(self.blocks))
-        rows = np.concatenate([self.blocks[i] for i in order])
-        for b in range(len(self)):
-            batch = rows[b * self.batch_size:(b + 1) * self.batch_size]
-            yield rng.permutation(batch) if self.shuffle else batch
-
-
-class _BatchReader:
-    """The loader's dataset: reads the rows of one batch of every output (reopened by path in workers)."""
-
-    def __init__(self, path: Path, names: list[str]):
-        self.path, self.names, self.store = path, names, None
-
-    def __getstate__(self) -> dict:
-        return {"path": self.path, "names": self.names, "store": None}
-
-    def __getitem__(self, rows: np.ndarray) -> dict:
-        import torch
-
-        if self.store is None:
-            self.store = ActivationStore(self.path)
-        order = np.argsort(rows, kind="stable")
-        bounds = [0, *(np.flatnonzero(np.diff(rows[order]) != 1) + 1).tolist(), len(rows)]  # runs: read as slices
-        in_order = bool((order[1:] > order[:-1]).all())
-
-        def read(name: str) -> np.ndarray:
-            array = self.store[name]
-            out = np.empty((len(rows), *array.shape[1:]), array.dtype)
-            for a, b in zip(bounds, bounds[1:]):  # each run straight to its places in the batch
-                start = int(rows[order[a]])
-                out[slice(a, b) if in_order else order[a:b]] = array[start:start + b - a]
-            return torch.from_numpy(out)
-
-        return {"index": torch.from_numpy(rows), **{name: read(name) for name in self.names}}
 
 
 def shard_info(path: Path, store: ActivationStore, shard: int) -> dict:
