@@ -108,6 +108,12 @@ def test_residual_composition_against_a_plain_loop_and_compat_comp(study):
         assert row.comp == pytest.approx(100 * ((r != a) & (r != m) & (r != p)).mean())
     mlp_only = compat.comp - table.comp  # the study's comp never tests the MLP: it counts the MLP-only matches too
     assert (mlp_only > 0).all()
+    cls = ce.residual_composition(store, tokens="cls").set_index("layer")
+    for layer in cls.index:
+        r, m = top1[""][:, layer, 0], top1["_mlp"][:, layer, 0]
+        assert cls.mlp[layer] == pytest.approx(100 * (r == m).mean())
+    with pytest.raises(ValueError, match="tokens='patches'"):
+        ce.residual_composition(store, tokens="patches")
 
 
 def test_label_rank_ties_compat():
@@ -167,9 +173,13 @@ def test_missing_outputs_and_bad_arguments(study, tmp_path):
     _, data, store, _ = study
     bare = vitlens.record(vitlens.load_model("tiny-scenes"), data, tmp_path / "bare", hooks="hook_logits",
                           progress=False)
-    for measure in (ce.identifiability, ce.change_rate, ce.residual_composition):
+    for measure in (ce.identifiability, ce.change_rate, ce.residual_composition, ce.class_similarity_change,
+                    lambda s: ce.context_difference(s, data), lambda s: ce.compare_to_random(s, store)):
         with pytest.raises(KeyError, match="vitlens analyze identifiability"):
             measure(bare)
+    from analyses import perturbation as pt
+    with pytest.raises(KeyError, match="vitlens analyze attention-perturbation"):
+        pt.table(bare, "self_only")
     with pytest.raises(ValueError, match="precision"):
         ce.run(None, data, tmp_path / "x", precision="float16")
     with pytest.raises(ValueError, match="measure"):
