@@ -21,7 +21,7 @@ import vitlens
 from vitlens import ActivationStore, HookedViT, NotRecordedError, StoreMismatchError, UnknownHookError
 from analyses.class_embedding import ClassRankReducer
 from vitlens.recorder import RecordingInterrupted, _Capture
-from vitlens.shards import ShardWriter
+from vitlens.shards import ShardWriter, new_writer_id
 
 TESTS = Path(__file__).parent
 BATCH, SHARD = 4, 8
@@ -62,7 +62,7 @@ def test_three_writers_with_kills_then_resume_equal_run_with_cache(tmp_path):
         killed.add(victim.pid)
     for writer in writers:
         writer.communicate(timeout=300)
-    finish(start_recorder(path, "--n", str(n)))  # the resume: finishes whatever is left
+    record_tiny(path, SyntheticImages(n), batch_size=BATCH, shard_size=SHARD).close()  # the resume, in this process
     check_log(path, killed)
     assert not [p for p in (path / "shards").iterdir() if p.suffix != ".h5"], "temporary files or claims left"
     model, dataset = tiny_model(), SyntheticImages(n)
@@ -77,6 +77,30 @@ def test_three_writers_with_kills_then_resume_equal_run_with_cache(tmp_path):
                 assert store[hook][start:start + BATCH].tobytes() == expected[hook].contiguous().numpy().tobytes(), \
                     (hook, start)
 
+
+
+def test_the_next_writer_removes_short_lived_files_of_dead_processes_only(tmp_path, reference):
+    """A writer killed while writing a claim, the index or store.json, or while taking a claim over, leaves a
+    ``.tmp`` or ``.expired`` file naming its host and pid: the next writer removes those of processes that are
+    gone (this host) or older than the claim timeout (another host), and nothing of live ones."""
+    path = tmp_path / "store"
+    shutil.copytree(reference / "40", path)
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)  # a pid that no longer exists
+    host, shards = new_writer_id().rsplit("-", 2)[0], path / "shards"
+    gone = [shards / f".shard_00003.claim.{host}-{dead}-0123abcd.tmp",
+            shards / f".shard_00003.claim.{host}-{dead}-0123abcd.expired",
+            path / f".index.json.{host}-{dead}-89abcdef0123.tmp",
+            shards / f".shard_00001.claim.elsewhere-{os.getpid()}-0123abcd.tmp"]  # another host's, an hour old
+    kept = [shards / f".shard_00004.claim.{host}-{os.getpid()}-0123abcd.tmp",  # ours: alive
+            shards / f".shard_00002.claim.elsewhere-{dead}-0123abcd.tmp",  # another host's, fresh
+            path / f".store.json.{dead}.tmp"]  # not a vitlens name: left alone
+    for file in gone + kept:
+        file.write_bytes(b"partial")
+    os.utime(gone[-1], (time.time() - 3600, time.time() - 3600))
+    record_tiny(path, SyntheticImages(40), batch_size=BATCH, shard_size=SHARD).close()
+    assert [f.name for f in gone if f.exists()] == [] and all(f.exists() for f in kept)
+    assert_same_store(path, reference / "40")
 
 @pytest.mark.slow
 def test_two_writers_give_the_same_store_as_one(tmp_path, reference):

@@ -9,7 +9,8 @@ expires when its writer is gone (same host: the process no longer exists) or its
 Rows are written into a temporary file whose name is unique to the writer
 (``.shard_00005.h5.<writer>.tmp``), which is fsynced, checked (attributes, shapes, size) and published
 by a hard link that fails rather than replace an existing shard. Temporary files whose writer holds no
-live claim are removed. Every claim, take-over and publication is appended to ``writes.log`` (JSON
+live claim, and the short-lived files of dead processes (a claim being written, a claim set aside during a
+take-over), are removed by the next writer. Every claim, take-over and publication is appended to ``writes.log`` (JSON
 lines), and writers keep ``index.json`` (the shards they verified) current for readers.
 """
 from __future__ import annotations
@@ -37,6 +38,8 @@ CLAIM_TIMEOUT = 120.0  # seconds without a heartbeat after which a claim of a wr
 HEARTBEAT = 10.0
 _TEMPORARY = re.compile(r"^\.shard_(\d+)\.h5\.(.+)\.tmp$")
 _CLAIM = re.compile(r"^shard_(\d+)\.claim$")
+# short-lived files of one process: a claim or index being written (.tmp), a claim set aside during a take-over
+_LEFTOVER = re.compile(r"^\..+\.([A-Za-z0-9_-]+)-(\d+)-[0-9a-f]{8,32}\.(tmp|expired)$")
 
 
 def library_versions() -> dict[str, str]:
@@ -52,8 +55,12 @@ def library_versions() -> dict[str, str]:
 
 def new_writer_id() -> str:
     """``host-pid-random``: unique across processes and hosts."""
-    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
-    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return f"{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _host() -> str:
+    """This host's name as writer ids and temporary names hold it (letters, digits, ``_`` and ``-``)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
 
 
 def create_store(path: Path, meta: Mapping[str, Any], request: Mapping[str, Any]) -> ActivationStore:
@@ -205,9 +212,11 @@ class Claims:
 
 def remove_dead_temporaries(store: ActivationStore, claims: Claims) -> list[Path]:
     """Delete what killed writers left: temporary shard files whose writer holds no live claim on their
-    shard, and expired claims on shards that are published."""
+    shard, expired claims on shards that are published, and the short-lived files (``.tmp``, ``.expired``,
+    in the store folder and under shards/) of processes that are gone (same host) or older than the claim
+    timeout (other hosts)."""
     removed = []
-    for entry in os.scandir(store.path / SHARD_DIR):
+    for entry in [*os.scandir(store.path), *os.scandir(store.path / SHARD_DIR)]:
         if match := _TEMPORARY.match(entry.name):
             owner = claims.owner(int(match.group(1)))
             dead = owner is None or owner[0].get("writer") != match.group(2) or not claims.alive(*owner)
@@ -215,6 +224,12 @@ def remove_dead_temporaries(store: ActivationStore, claims: Claims) -> list[Path
             shard = int(match.group(1))
             owner = claims.owner(shard)
             dead = owner is not None and store.shard_path(shard).exists() and not claims.alive(*owner)
+        elif match := _LEFTOVER.match(entry.name):
+            try:
+                age = time.time() - entry.stat().st_mtime
+            except FileNotFoundError:  # its process finished with it meanwhile
+                continue
+            dead = age > claims.timeout or match.group(1) == _host() and not _process_exists(int(match.group(2)))
         else:
             continue
         if dead:
@@ -370,8 +385,9 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 
 def _tmp_path(path: Path) -> Path:
-    """A temporary name next to `path`, unique across processes and hosts (stores may be on shared filesystems)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    """A temporary name next to `path`, unique across processes and hosts (stores may be on shared filesystems),
+    naming its process (``host-pid-random``) so that the next writer can tell whether it is a dead one's."""
+    return path.with_name(f".{path.name}.{new_writer_id()}.tmp")
 
 
 def _write_durably(path: Path, data: bytes) -> None:
