@@ -424,7 +424,11 @@ def _first_loadable(dataset, on_error: str) -> dict:
 
 def _complete(request, capture, images, labels, extras, layout, batch_size) -> dict:
     """Add the token layout, each output's shape (from a forward on the first sample) and the shard size."""
+    start = time.perf_counter()
     probe = capture.run(images, labels, extras)
+    if images.device.type == "cuda":
+        torch.cuda.synchronize(images.device)
+    per_sample = max(time.perf_counter() - start, 1e-6)  # a cold one-image forward: an upper bound per sample
     outputs = {name: {**spec, "shape": list(probe[name].shape[1:])} for name, spec in request["outputs"].items()}
     for kind, output in [("reducer", r) for r in capture.reducers] + [("computation", c) for c in capture.computations]:
         declared = tuple(output.shape(capture.model))
@@ -433,11 +437,6 @@ def _complete(request, capture, images, labels, extras, layout, batch_size) -> d
                              f"{outputs[output.name]['shape']}")
     shard_size = request.get("shard_size")
     if shard_size is None:
-        start = time.perf_counter()  # a second, warm run of the probe: seconds per sample on this device
-        capture.run(images, labels, extras)
-        if images.device.type == "cuda":
-            torch.cuda.synchronize(images.device)
-        per_sample = max(time.perf_counter() - start, 1e-6)
         sample_bytes = sum(t[0].numel() * t.element_size() for t in probe.values())
         rows = int(max(1, min(_MAX_SHARD_SIZE, _SHARD_BYTES // sample_bytes, _SHARD_SECONDS / per_sample)))
         shard_size = rows // batch_size * batch_size or batch_size
