@@ -1,6 +1,6 @@
 """ActivationStore: a crash-safe, sharded HDF5 cache of ViT activations with lazy, fast, verified reads.
 
-A store is a directory (the schema is documented in ``cache/README.md``, printed by ``vitlens store --schema``)::
+A store is a directory (the schema is ``vitlens/schema.md``, printed by ``vitlens store --schema``)::
 
     store.json               metadata, written once (atomically) when the store is created; never changes
     shards/shard_00000.h5    samples [0, shard_size): one dataset per output, [n, *shape]
