@@ -7,7 +7,7 @@ hooks: state 0 is ``hook_embed`` itself, state i+1 is ``blocks.{i}.hook_resid_pr
 ``hook_resid_post`` (L+2 gates). The product of the hard-concrete gates 0..k decides, per patch, how much of the
 patch embedding is kept; the rest is the placeholder, swapped in at ``hook_embed`` (before the position
 embedding), so the ViT itself is never forked or modified. Prefix tokens (CLS, registers) are gated too but only
-enter the L0 term, as in the original. See ``../shared/specs/vit_cls_emb_and_diffmask.md`` Part B.
+enter the L0 term, as in the original. (Nalmpantis et al., Vision DiffMask, CVPR Workshops 2023).
 """
 from __future__ import annotations
 
