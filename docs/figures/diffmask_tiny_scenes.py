@@ -1,4 +1,4 @@
-"""Render docs/figures/diffmask_tiny_scenes.{png,html}: Vision DiffMask masks of a short training on tiny-scenes.
+"""Render docs/figures/diffmask_tiny_scenes.png: Vision DiffMask masks of a short training on tiny-scenes.
 
     python docs/figures/diffmask_tiny_scenes.py
 
@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from analyses.diffmask import DiffMask, plot, run, train  # noqa: E402
+from analyses.diffmask import DiffMask, run, train  # noqa: E402
 from analyses.explain import _scaled  # noqa: E402
 from vitlens import load_model  # noqa: E402
 from vitlens.data import load_dataset  # noqa: E402
@@ -35,8 +35,6 @@ items = [data[i] for i in range(0, len(data), len(data) // 8)][:8]
 images = torch.stack([item["image"] for item in items])
 masks = diffmask.mask(images)
 out = Path(__file__).with_suffix("")
-plot(images, masks, mean=model.data_config["mean"], std=model.data_config["std"]).update_layout(
-    title=title).write_html(f"{out}.html", include_plotlyjs="cdn")
 fig, axes = plt.subplots(3, len(items), figsize=(1.45 * len(items), 4.6))
 for col, item in enumerate(items):
     for row, (picture, name) in enumerate(((_scaled(images).permute(0, 2, 3, 1)[col], "image"),
