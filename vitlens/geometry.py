@@ -27,9 +27,9 @@ from transformer_lens.FactoredMatrix import FactoredMatrix
 from timm.layers import LayerScale
 
 
-def _bias(linear: nn.Linear) -> torch.Tensor:
-    """A Linear's bias, or zeros in its weight's dtype and device when it has none."""
-    return linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
+def _bias(layer: nn.Module) -> torch.Tensor:
+    """A Linear's or Conv's bias, or zeros (one per output unit) in its weight's dtype and device when it has none."""
+    return layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.weight.shape[0])
 
 
 class _Wrapper(nn.Module):
@@ -225,8 +225,7 @@ class ModelWeights:
     @property
     def b_E(self) -> torch.Tensor:
         """[d_model]"""
-        proj = self.vit.patch_embed.proj
-        return proj.bias if proj.bias is not None else proj.weight.new_zeros(proj.out_channels)
+        return _bias(self.vit.patch_embed.proj)
 
     @property
     def W_pos(self) -> torch.Tensor:
