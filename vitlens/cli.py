@@ -36,9 +36,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"vitlens: error: {message} (see '{self.prog} --help')\n")
 
 
+def _cpu_count() -> int:
+    """CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_num_workers() -> int:
     """DataLoader workers for this machine: none on two CPUs or fewer, else one per CPU left, at most 4."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = _cpu_count()
     return 0 if cpus <= 2 else min(4, cpus - 1)
 
 
@@ -239,7 +244,7 @@ def _record(args: argparse.Namespace) -> None:
 
     from vitlens.recorder import record
 
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = _cpu_count()
     if args.num_workers > cpus:
         print(f"vitlens: note: --num-workers {args.num_workers} is more than the {cpus} CPUs here; "
               f"{default_num_workers()} is the default for this machine", file=sys.stderr)
