@@ -123,7 +123,7 @@ def run_demo(out: str | Path = "cache/demo", *, device=None, n_per_class: int = 
     steps("faithfulness and localisation benchmark", (maps / "results" / "evaluate_summary.csv").exists(),
           lambda: faithfulness.evaluate(maps, bench_data, model=model, device=device, progress=progress))
     report: list[Path] = []
-    steps("report", False, lambda: report.append(write_report(out, data=data, model=model,
+    steps("report", False, lambda: report.append(write_report(out, data=data,
                                                               title="vitlens demo: tiny-scenes on the scene set")))
     return report[0], pd.DataFrame(steps.rows)
 

@@ -200,3 +200,20 @@ def test_demo_report_renders_a_plot_in_every_section(demo, browser):
     page.screenshot(path=str(ARTEFACTS / "demo_report.png"), full_page=True)
     page.close()
 
+
+
+def test_scatter_relevance_mass_is_the_plain_share_inside_the_object(study, tmp_path):
+    from analyses import explain
+    from vitlens.explore import _relevance_mass, primary
+
+    root, data = study
+    copy = tmp_path / "study"
+    shutil.copytree(root, copy)
+    explain.run(vitlens.load_model("tiny-scenes"), data, ["rollout"], copy / "maps", progress=False)
+    study_ = Study(copy, data=data)
+    stats = image_stats(study_)
+    mass = _relevance_mass(study_, "map.rollout", primary(study_).samples.sample_id, stats["masks"])
+    maps = study_.stores["maps"]["map.rollout"][:]
+    expected = [float((np.clip(m, 0, None) * (np.asarray(data[i]["token_mask"]) > 0.5)).sum() / np.clip(m, 0, None).sum())
+                for i, m in enumerate(maps)]
+    np.testing.assert_allclose(mass, expected, rtol=1e-6)

@@ -12,21 +12,25 @@ import threading
 import numpy as np
 import plotly.graph_objects as go
 
-from vitlens.report import Study
+from vitlens.report import Study, data_from_args
 
 
 def image_stats(study: Study) -> dict[str, np.ndarray]:
     """Per-image values of the primary store's samples (:func:`primary`) for the scatter:
-    ``identifiability`` (share of tokens with the label top-1 at the last layer, from ``class_rank``) and
-    ``object_fraction`` (from the dataset's token masks, when given; NaN for samples not in the dataset)."""
+    ``identifiability`` (share of tokens with the label top-1 at the last layer, from ``class_rank``) and, with
+    a dataset that has token masks, ``masks`` [n grid_h grid_w] (read once; NaN for samples not in the dataset)
+    and ``object_fraction``."""
     store, stats = primary(study), {}
     if "class_rank" in store.outputs:
         parts = [(chunk[:, -1] == 0).mean(axis=-1) for _, chunk in store.iter_chunks("class_rank", 1024)]
         stats["identifiability"] = np.concatenate(parts) if parts else np.zeros(0)
     if study.data is not None and "token_mask" in study.data[0]:
-        items = (study.item(store, i) for i in range(len(store)))
-        stats["object_fraction"] = np.array([np.nan if item is None else float(np.asarray(item["token_mask"]).mean())
-                                             for item in items])
+        masks = np.full((len(store), *store.layout.grid), np.nan)
+        for i in range(len(store)):
+            item = study.item(store, i)
+            if item is not None:
+                masks[i] = np.asarray(item["token_mask"], dtype=np.float64)
+        stats["masks"], stats["object_fraction"] = masks, masks.mean(axis=(1, 2))
     return stats
 
 
@@ -127,7 +131,7 @@ def create_app(path, data=None):
         x = stats["object_fraction"] if has_masks else np.arange(len(samples), dtype=float)
         y, y_title = stats.get("identifiability"), "identifiability (last layer)"
         if method and has_masks:
-            y, y_title = _relevance_mass(study, method, samples.sample_id), f"relevance mass of {method}"
+            y, y_title = _relevance_mass(study, method, samples.sample_id, stats["masks"]), f"relevance mass of {method}"
         if y is None:
             y, y_title = np.full(len(samples), np.nan), "(nothing to show)"
         fig = go.Figure(go.Scatter(x=x, y=y, mode="markers", customdata=list(samples.sample_id),
@@ -139,23 +143,26 @@ def create_app(path, data=None):
     return app
 
 
-def _relevance_mass(study: Study, method: str, sample_ids) -> np.ndarray:
-    """Share of each map's (non-negative) mass inside the object, on the token grid; NaN where the map or
-    the mask is missing."""
+def _relevance_mass(study: Study, method: str, sample_ids, masks: np.ndarray) -> np.ndarray:
+    """Share of each map's (non-negative) mass inside the object (`masks` > 0.5, one per sample id), on the
+    token grid (pixel maps are averaged over each patch); NaN where the map or the mask is missing."""
     store = study.store_with(method)
-    masses = []
-    for sample_id in sample_ids:
-        row = study.row(store, sample_id)
-        item = None if row is None else study.item(store, row)
-        if item is None or not store.done[row]:
-            masses.append(np.nan)
+    position = {str(s): i for i, s in enumerate(sample_ids)}
+    masses = np.full(len(sample_ids), np.nan)
+    for start, chunk in store.iter_chunks(method, 256):
+        rows = [position.get(str(s)) for s in store.samples.sample_id[start:start + len(chunk)]]
+        kept = [(k, row) for k, row in enumerate(rows) if row is not None]
+        if not kept:
             continue
-        m = np.clip(np.asarray(store[method][row], dtype=np.float64), 0, None)
-        mask = np.asarray(item["token_mask"], dtype=np.float64)
-        if m.shape != mask.shape:  # a pixel-resolution map: pool it to the token grid
-            m = m.reshape(mask.shape[0], m.shape[0] // mask.shape[0], mask.shape[1], -1).mean(axis=(1, 3))
-        masses.append(float((m * (mask > 0.5)).sum() / max(m.sum(), 1e-12)))
-    return np.asarray(masses)
+        maps = np.clip(chunk[[k for k, _ in kept]].astype(np.float64), 0, None)
+        grid = masks.shape[1:]
+        if maps.shape[1:] != grid:  # pixel-resolution maps: pool them to the token grid
+            maps = maps.reshape(len(maps), grid[0], maps.shape[1] // grid[0], grid[1], -1).mean(axis=(2, 4))
+        inside = masks[[row for _, row in kept]] > 0.5
+        mass = (maps * inside).sum(axis=(1, 2)) / np.maximum(maps.sum(axis=(1, 2)), 1e-12)
+        missing = np.isnan(masks[[row for _, row in kept]]).any(axis=(1, 2))
+        masses[[row for _, row in kept]] = np.where(missing, np.nan, mass)
+    return masses
 
 
 class Server:
@@ -193,14 +200,7 @@ class Server:
 
 def main(args) -> None:
     """``vitlens explore STORE [--data D] [--host H] [--port P]``: serve until Ctrl-C."""
-    data = None
-    if args.data:
-        from vitlens.data import load_dataset
-        from vitlens.zoo import load_model
-
-        first = next(iter(Study(args.store).stores.values()))
-        data = load_dataset(args.data, model=load_model(args.model or first.tag))
-    server = Server(create_app(args.store, data=data), host=args.host, port=args.port)
+    server = Server(create_app(args.store, data=data_from_args(args)), host=args.host, port=args.port)
     print(f"vitlens explorer on {server.url} (Ctrl-C stops it)")
     try:
         server.serve_forever()

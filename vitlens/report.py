@@ -32,10 +32,9 @@ class Study:
         path: a store, or a folder of stores.
         data: the dataset the stores were recorded on (a :func:`vitlens.data.load_dataset` result), for
             views over the images; optional.
-        model: the model, for views that need it; optional.
     """
 
-    def __init__(self, path: str | os.PathLike, data=None, model=None):
+    def __init__(self, path: str | os.PathLike, data=None):
         self.path = Path(path).expanduser()
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path} is not a folder; pass a store or a folder of stores "
@@ -46,7 +45,7 @@ class Study:
             raise FileNotFoundError(f"{self.path} holds no vitlens store (no {METADATA_FILE} in it or its "
                                     "sub-folders); record one with `vitlens record` or `vitlens demo`")
         self.stores = {str(p.relative_to(self.path)): ActivationStore(p) for p in folders}
-        self.data, self.model = data, model
+        self.data = data
         self._positions: dict[str, int] | None = None
         self._rows: dict[Path, dict[str, int]] = {}
 
@@ -122,10 +121,10 @@ def render_sections(study: Study) -> list[dict[str, Any]]:
     return rendered
 
 
-def write_report(path: str | os.PathLike, out: str | os.PathLike | None = None, *, data=None, model=None,
+def write_report(path: str | os.PathLike, out: str | os.PathLike | None = None, *, data=None,
                  title: str | None = None) -> Path:
     """Render the study at `path` into one self-contained HTML file (default ``<path>/report.html``)."""
-    study = Study(path, data=data, model=model)
+    study = Study(path, data=data)
     try:
         sections = render_sections(study)
     finally:
@@ -149,6 +148,8 @@ def to_html(sections: list[dict[str, Any]], title: str) -> str:
         parts = [f'<section id="{s["name"]}" class="section"><h2>{html.escape(s["title"])}</h2>']
         if s["missing"]:
             parts.append(f'<p class="missing">{html.escape(s["missing"])}</p>')
+        if s.get("traceback"):
+            parts.append(f'<details><summary>traceback</summary><pre>{html.escape(s["traceback"])}</pre></details>')
         for i, figure in enumerate(s["figures"]):
             if isinstance(figure, str):  # a ready HTML fragment (a table)
                 parts.append(f'<div class="fragment">{figure}</div>')
@@ -175,14 +176,20 @@ table.vitlens td, table.vitlens th {{ border: 1px solid #ccc; padding: 2px 8px; 
 """
 
 
-def main(args) -> None:
-    """``vitlens report STORE [--data D] [--out FILE]``."""
-    data = model = None
-    if args.data:
-        from vitlens.data import load_dataset
-        from vitlens.zoo import load_model
+def data_from_args(args):
+    """The dataset of ``--data`` under the preprocessing of ``--model`` (default: the model of the study's
+    outermost store), or None without ``--data`` (the report and the explorer then show no images)."""
+    if not args.data:
+        return None
+    from vitlens.data import load_dataset
+    from vitlens.zoo import load_model
 
-        first = next(iter(Study(args.store).stores.values()))
-        model = load_model(args.model or first.tag)
-        data = load_dataset(args.data, model=model)
-    print(write_report(args.store, args.out, data=data, model=model))
+    study = Study(args.store)
+    tag = next(iter(study.stores.values())).tag
+    study.close()
+    return load_dataset(args.data, model=load_model(args.model or tag))
+
+
+def main(args) -> None:
+    """``vitlens report STORE [--data D] [--model M] [--out FILE]``."""
+    print(write_report(args.store, args.out, data=data_from_args(args)))
