@@ -21,10 +21,10 @@ import sys
 from pathlib import Path
 
 from vitlens import __version__, registry
+from vitlens.layout import TOKEN_KINDS
 from vitlens.zoo.catalog import WEIGHT_SUFFIXES, ZOO
 
 _AUTOCAST = {"bf16": "bfloat16", "fp16": "float16"}
-_TOKEN_KINDS = ("all", "cls", "dist", "registers", "prefix", "patches")
 PREPROCESSING = ("timm", "vit-cls_emb")
 INTERRUPTED_STATUS = 130
 
@@ -69,8 +69,8 @@ def _tokens(text: str) -> str | list[int]:
     """A token selection: "all", a kind ("cls", "patches", ...) or indices "0,5,9"."""
     if text.replace(",", "").isdigit():
         return [int(t) for t in text.split(",") if t]
-    if text not in _TOKEN_KINDS:
-        raise argparse.ArgumentTypeError(f"unknown tokens {text!r}; expected one of {', '.join(_TOKEN_KINDS)} "
+    if text not in TOKEN_KINDS:
+        raise argparse.ArgumentTypeError(f"unknown tokens {text!r}; expected one of {', '.join(TOKEN_KINDS)} "
                                          "or indices such as 0,5,9")
     return text
 

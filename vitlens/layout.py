@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
+TOKEN_KINDS = ("all", "cls", "dist", "registers", "prefix", "patches")
+"""The token kinds :meth:`TokenLayout.indices` accepts (importable without torch, for argument checks)."""
+
 
 @dataclass(frozen=True)
 class TokenLayout:
@@ -51,7 +54,7 @@ class TokenLayout:
             "patches": range(self.n_prefix, self.n_tokens),
         }
         if kind not in kinds:
-            raise ValueError(f"Unknown token kind {kind!r}; expected one of {sorted(kinds)}.")
+            raise ValueError(f"Unknown token kind {kind!r}; expected one of {sorted(TOKEN_KINDS)}.")
         if kind == "cls" and self.cls_index is None:
             raise ValueError("This model has no class token (global-average-pool family); use 'patches'.")
         return list(kinds[kind])
