@@ -145,6 +145,16 @@ def test_empty_sources_and_token_selections_are_errors(model, store, dataset):
         patch_sweep(model, image(dataset, TARGET), store, "blocks.0.hook_resid_post", DONOR, metric, tokens=[])
 
 
+def test_token_indices_outside_the_layout_are_refused(model, store, dataset):
+    """A negative index would silently patch a token counted from the end (and leave the sweep's grid columns NA)."""
+    for tokens in ([-1], [19], [0, 19]):  # the tiny model has tokens 0..18
+        with pytest.raises(ValueError, match="out of range: its token indices run 0..18"):
+            run_patched(model, image(dataset, TARGET), store, [Patch("blocks.0.hook_resid_post", DONOR, tokens)])
+    with pytest.raises(ValueError, match="out of range: its token indices run 0..18"):
+        patch_sweep(model, image(dataset, TARGET), store, "blocks.0.hook_resid_post", DONOR,
+                    lambda logits: logits[:, 0], tokens=[-1])
+
+
 def test_whole_patch_of_a_token_subset_is_an_error(model, store, dataset):
     with pytest.raises(ValueError, match="recorded at tokens \\[0, 4, 9\\] only.*pass tokens="):
         run_patched(model, image(dataset, TARGET), store, [Patch("blocks.0.hook_mlp_out", DONOR)])

@@ -293,6 +293,11 @@ def _replace_tokens(spec: OutputSpec, value: torch.Tensor, positions, per_row: b
     if axis is None:
         raise ValueError(f"{spec.name} has no token axis; patch it whole (tokens=None)")
     positions = torch.as_tensor(positions, dtype=torch.long)
+    n_tokens = value.shape[axis]
+    if spec.tokens is None and len(positions) and not 0 <= int(positions.min()) <= int(positions.max()) < n_tokens:
+        raise ValueError(f"tokens {sorted(set(positions.tolist()))} of {spec.name} are out of range: its token "
+                         f"indices run 0..{n_tokens - 1}; pass layout indices (e.g. model.tokens('patches')), "
+                         "not negative ones")
     stored = positions if spec.tokens is None else _stored_positions(spec, positions)
     rows_of_value = value.movedim(axis, 0)[stored.to(value.device)]  # [n positions, *other axes]
     index = positions.to(value.device)
