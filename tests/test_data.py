@@ -448,6 +448,13 @@ def test_vit_cls_emb_preprocessing_is_a_plain_resize_with_nearest_masks(imagenet
         load_dataset(imagenet_s, model=model, preprocessing="vit-cls_emb", data_config=model.data_config)
 
 
+def test_vit_cls_emb_preprocessing_of_the_scenes_needs_a_model(scenes_root):
+    """The scenes' default config stands in for a model only under timm preprocessing: the study's resize asks for
+    the model (not to drop a data_config= the caller never passed)."""
+    with pytest.raises(ValueError, match="resizes to the model's input size: pass model="):
+        load_dataset("scenes", root=scenes_root.parent, preprocessing="vit-cls_emb")
+
+
 def test_home_directory_paths_are_expanded(imagenet_s, monkeypatch):
     monkeypatch.setenv("HOME", str(imagenet_s.parent))
     ds = load_dataset(f"~/{imagenet_s.name}", transform=ToTensor(), stimuli=False)

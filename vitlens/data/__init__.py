@@ -41,8 +41,9 @@ def load_dataset(name_or_root: str | Path, split: str = "validation", *, model=N
     Preprocessing: timm's eval transform for `model.data_config`, tokens from `model.layout.grid`; explicit
     `data_config`, `transform` or `grid` win. `preprocessing="vit-cls_emb"` is the class-embedding study's
     instead: a PIL bilinear resize to the model's input size with no crop, x/255, (x - 0.5)/0.5, and token masks
-    by nearest from the full-resolution mask (`vit_cls_emb_config`). Paths may start with `~`. Without a model: the scenes' own config and 6x6 grid; timm's
-    default ImageNet config and no token masks for ImageNet-S (pass `grid=`). Masks follow the image's resize
+    by nearest from the full-resolution mask (`vit_cls_emb_config`; it needs `model`). Paths may start with `~`.
+    Without a model: the scenes' own config and 6x6 grid; timm's default ImageNet config and no token masks for
+    ImageNet-S (pass `grid=`). Masks follow the image's resize
     and crop; `mask_resize` "nearest" gives 0/1 tokens (cv2 INTER_NEAREST), "area" object fractions.
     Images are read as RGB (grayscale is converted).
     """
@@ -50,7 +51,7 @@ def load_dataset(name_or_root: str | Path, split: str = "validation", *, model=N
         if split != "validation":
             raise ValueError(f"the scene set has only a 'validation' split on disk (got {split!r}); training "
                              "scenes come from vitlens.data.train_scenes")
-        if model is None and transform is None and data_config is None:
+        if model is None and transform is None and data_config is None and preprocessing == "timm":
             data_config = SCENES_DATA_CONFIG
         if model is None and grid is None:
             grid = SCENES_GRID
