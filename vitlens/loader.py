@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from vitlens.store import ActivationStore, NotRecordedError
+from vitlens.store import ActivationStore, NotRecordedError, check_count
 
 
 def store_loader(store: ActivationStore, outputs, batch_size: int, *, shuffle: bool = True, seed: int = 0,
@@ -25,8 +25,7 @@ def store_loader(store: ActivationStore, outputs, batch_size: int, *, shuffle: b
     for name in names:
         store[name]  # KeyError naming close matches
     for label, value in (("batch_size", batch_size), ("block_size", block_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"loader {label} must be a positive number of samples, got {value!r}")
+        check_count(value, f"loader {label} must be a positive number of samples")
     rows = np.flatnonzero(store.done)
     if rows.size == 0:
         raise NotRecordedError(f"{store.path} has no recorded samples yet; record it before loading from it")

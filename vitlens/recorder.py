@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from vitlens.capture import Computation, Reducer, _Capture, expand_hook, resolve_hooks, token_axis
 from vitlens.shards import Claims, ShardWriter, create_store, new_writer_id, remove_dead_temporaries, write_index
-from vitlens.store import CODECS, METADATA_FILE, SHARD_DIR, ActivationStore
+from vitlens.store import CODECS, METADATA_FILE, SHARD_DIR, ActivationStore, check_count
 
 STORE_DTYPES = ("float16", "float32", "float64")
 _SHARD_BYTES = 256 << 20
@@ -201,11 +201,10 @@ def record(model, dataset, path: str | os.PathLike, hooks=(), tokens: str | Sequ
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size}): pass 0 <= rank < world_size "
                          "(torchrun sets RANK and WORLD_SIZE)")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive number of images, got {batch_size}")
-    if shard_size is not None and shard_size < 1:
-        raise ValueError(f"shard_size must be a positive number of samples, or None for about a minute of work "
-                         f"per shard; got {shard_size}")
+    check_count(batch_size, "batch_size must be a positive number of images")
+    if shard_size is not None:
+        check_count(shard_size, "shard_size must be a positive number of samples, or None for about a minute "
+                                "of work per shard")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if device is None:

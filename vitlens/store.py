@@ -313,8 +313,7 @@ class ActivationStore:
 
         `tokens` optionally selects positions of the stored token axis (e.g. ``model.tokens("patches")``).
         """
-        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-            raise ValueError(f"iter_chunks size must be a positive number of samples, got {size!r}")
+        check_count(size, "iter_chunks size must be a positive number of samples")
         array = self[name]
         axis = array.spec.token_axis
         if tokens is not None and axis is None:
@@ -526,6 +525,12 @@ def shard_info(path: Path, store: ActivationStore, shard: int) -> dict:
     except OSError as error:
         return {"problem": f"cannot be read (truncated or damaged: {error})"}
     return info
+
+
+def check_count(value, requirement: str) -> None:
+    """Raise ``ValueError("<requirement>, got <value>")`` unless `value` is a positive integer (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{requirement}, got {value!r}")
 
 
 def _metadata_problem(meta: dict) -> str | None:
