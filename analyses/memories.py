@@ -119,7 +119,14 @@ def _token_index(model, tokens: str | Sequence[int]) -> torch.Tensor | None:
     if isinstance(tokens, str) and tokens == "cls" and model.layout.cls_index is None:
         raise ValueError(f"tokens='cls' needs a class token, but {model.cfg.model_name} has none (average "
                          "pooling); use tokens='all' or 'patches'")
-    return model.tokens(tokens) if isinstance(tokens, str) else torch.as_tensor(tokens)
+    if isinstance(tokens, str):
+        return model.tokens(tokens)
+    index = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+    n_tokens = model.layout.n_tokens
+    if not len(index) or not 0 <= int(index.min()) <= int(index.max()) < n_tokens:
+        raise ValueError(f"tokens {index.tolist()} must be a non-empty list of layout indices in [0, {n_tokens}) "
+                         "(e.g. model.tokens('patches')), not negative ones")
+    return index
 
 
 def _chunks(store, name: str, tokens: torch.Tensor | None, size: int = 1024):

@@ -230,3 +230,14 @@ def test_cls_agreement_against_a_plain_loop_and_weights_unchanged(model, data, s
                 assert row[column].item() == pytest.approx(expected)
     after = _snapshot(model)
     assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_token_indices_match_kinds_and_out_of_range_ones_are_refused(model, store):
+    """tokens=[0] is the CLS selection; a negative or too large index (which would silently count a token from the
+    end, or fail deep inside) is refused with a message naming the range."""
+    pd_testing = pytest.importorskip("pandas.testing")
+    pd_testing.assert_frame_equal(memories.key_value_agreement(store, model, "mlp", tokens=[0]),
+                                  memories.key_value_agreement(store, model, "mlp", tokens="cls"))
+    for bad in ([-1], [0, 17], []):
+        with pytest.raises(ValueError, match=r"layout indices in \[0, 17\)"):
+            memories.composition(store, model, "mlp", tokens=bad)
