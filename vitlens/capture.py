@@ -136,16 +136,16 @@ class _Capture:
         self.hooks, self.reducers, self.computations = hooks, list(reducers), list(computations)
         # on the device once: a copy from pageable memory in every hook call would synchronise the GPU
         self._token_index = {name: torch.tensor(t, device=device) for name, t in hooks.items() if t is not None}
+        self.batched = {c.name for c in self.computations if c.wants_batch}  # those given the item fields
 
     def run(self, images: torch.Tensor, labels: torch.Tensor, extras: dict | None = None) -> dict[str, torch.Tensor]:
         """Forward one batch (eval and inference mode), then run the computations (with `extras`, the
         collated other item fields); returns ``{output name: tensor [batch, *shape]}``."""
         outputs = self._forward(images, labels) if self.hooks or self.reducers else {}
-        amp = torch.autocast(images.device.type, dtype=self.autocast) if self.autocast else nullcontext()
         for computation in self.computations:
-            kwargs = {"batch": extras or {}} if computation.wants_batch else {}
+            kwargs = {"batch": extras or {}} if computation.name in self.batched else {}
             grad = torch.inference_mode(False) if computation.needs_grad else torch.inference_mode()
-            with grad, torch.set_grad_enabled(computation.needs_grad), amp:
+            with grad, torch.set_grad_enabled(computation.needs_grad), self._amp(images):
                 result = computation.compute(self.model, images, labels, **kwargs)
             if not isinstance(result, torch.Tensor) or result.shape[:1] != images.shape[:1]:
                 got = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
@@ -153,6 +153,10 @@ class _Capture:
                                  f"[batch={len(images)}, *shape]")
             outputs[computation.name] = result.detach().to(getattr(torch, computation.dtype))
         return outputs
+
+    def _amp(self, images: torch.Tensor):
+        """The recording's autocast on the images' device (a null context without one)."""
+        return torch.autocast(images.device.type, dtype=self.autocast) if self.autocast else nullcontext()
 
     def _forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs, parts = {}, {r.name: [] for r in self.reducers}
@@ -175,8 +179,7 @@ class _Capture:
 
         fwd_hooks = [(name, keep) for name in self.hooks]
         fwd_hooks += [(name, reducing(r)) for r in self.reducers for name in r.hooks(self.model)]
-        amp = torch.autocast(images.device.type, dtype=self.autocast) if self.autocast else nullcontext()
-        with torch.inference_mode(), amp:
+        with torch.inference_mode(), self._amp(images):
             self.model.run_with_hooks(images, fwd_hooks=fwd_hooks)
         for reducer in self.reducers:
             outputs[reducer.name] = torch.stack(parts[reducer.name], dim=1).to(getattr(torch, reducer.dtype))

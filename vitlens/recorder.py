@@ -248,7 +248,7 @@ def record(model, dataset, path: str | os.PathLike, hooks=(), tokens: str | Sequ
                    position=rank)
         if progress and remaining < total:
             bar.write(f"resuming {path}: {total - remaining} of {total} samples already recorded")
-        collate = partial(_collate, extras=any(c.wants_batch for c in computations), image_shape=image_shape,
+        collate = partial(_collate, extras=bool(capture.batched), image_shape=image_shape,
                           samples=request["samples"])
         loader = DataLoader(_Items(dataset), batch_sampler=_Plan(store, mine, claims, batch_size),
                             num_workers=num_workers, collate_fn=collate, pin_memory=device.type == "cuda")
@@ -389,9 +389,8 @@ def _open_or_create(path, request, capture, dataset, device, batch_size, rank, o
     """Open and check the store at `path`, or create it (rank 0; other ranks wait for its metadata).
 
     Returns the store and the image shape [C H W] (what a skipped item is replaced with in its batch)."""
-    wants_batch = any(c.wants_batch for c in capture.computations)
     first = _first_loadable(dataset, on_error)
-    images, labels, rows, sample_ids, extras, _ = _collate([first], wants_batch, samples=request["samples"])
+    images, labels, rows, sample_ids, extras, _ = _collate([first], bool(capture.batched), samples=request["samples"])
     _check_items(rows, sample_ids, labels, request["samples"])
     layout = capture.model.layout_for(images).to_dict()
     if not (path / METADATA_FILE).exists():
