@@ -57,6 +57,12 @@ def class_embedding_gradients(model, images: torch.Tensor, target: torch.Tensor,
         of token t's objective at block b w.r.t. ``pattern[b, h, t, k]`` (row t's objective depends only on
         row t of its own block), ``patterns`` the attention probabilities.
     """
+    if tokens is not None:
+        tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+        n_tokens = model.layout_for(images).n_tokens
+        if not len(tokens) or not 0 <= int(tokens.min()) <= int(tokens.max()) < n_tokens:
+            raise ValueError(f"tokens {tokens.tolist()} must be a non-empty list of layout indices in [0, {n_tokens}) "
+                             "(e.g. model.tokens('patches')), not negative ones")
     leaves, outputs = {}, {}
 
     def make_leaf(pattern, hook):
@@ -80,7 +86,7 @@ def class_embedding_gradients(model, images: torch.Tensor, target: torch.Tensor,
         else:
             objective = projected.gather(-1, index)
         if tokens is not None:
-            objective = objective[:, :, torch.as_tensor(tokens, device=objective.device)]
+            objective = objective[:, :, tokens.to(objective.device)]
         grads = torch.autograd.grad(objective.sum(), [leaves[b] for b in layers])
     return torch.stack(grads, 1), torch.stack([leaves[b].detach() for b in layers], 1)
 

@@ -63,6 +63,20 @@ def test_gradients_equal_the_closed_form_on_one_layer(compat):
     torch.testing.assert_close(via_explain, maps)
 
 
+def test_token_subset_keeps_its_rows_and_out_of_range_tokens_are_refused():
+    """tokens=[t] gives row t of the full gradients and zero elsewhere; a negative index (which would silently pick a
+    token from the end) is refused."""
+    model = _one_layer()
+    images, target = torch.randn(2, 3, 16, 16), torch.tensor([1, 4])
+    full, _ = saliency.class_embedding_gradients(model, images, target)
+    subset, _ = saliency.class_embedding_gradients(model, images, target, tokens=[2])
+    torch.testing.assert_close(subset[:, :, :, 2], full[:, :, :, 2])
+    assert not subset[:, :, :, [0, 1, 3, 4]].any()
+    for bad in ([-1], [5], []):
+        with pytest.raises(ValueError, match=r"layout indices in \[0, 5\)"):
+            saliency.class_embedding_gradients(model, images, target, tokens=bad)
+
+
 def test_each_block_differentiates_only_its_own_objective():
     """Block 0's gradient equals autograd of block 0's projected output alone (later blocks excluded)."""
     model = vitlens.load_model("tiny-scenes")
