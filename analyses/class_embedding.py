@@ -203,8 +203,7 @@ class ClassRankReducer(Reducer):
     PRECISIONS = PRECISIONS
 
     def __init__(self, hook: str = "hook_resid_post", name: str = "class_rank", precision: str = "float32"):
-        if precision not in self.PRECISIONS:
-            raise ValueError(f"precision {precision!r} is not one of {self.PRECISIONS}")
+        resolve_precision(precision, "cpu")  # checks it
         self.hook, self.name, self.precision = hook, name, precision
 
     def hooks(self, model) -> list[str]:
