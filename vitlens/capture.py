@@ -95,6 +95,9 @@ def resolve_hooks(model, hooks, tokens: str | Sequence[int] = "all") -> dict[str
     """
     if isinstance(hooks, str):
         hooks = [hooks]
+    if isinstance(hooks, Mapping) and not (isinstance(tokens, str) and tokens == "all"):
+        raise ValueError(f"tokens={tokens!r} applies only to hooks given as names; with a mapping of hooks, give "
+                         "each hook its token selection in the mapping")
     requested = hooks.items() if isinstance(hooks, Mapping) else [(name, tokens) for name in hooks]
     resolved = {}
     for pattern, selection in requested:

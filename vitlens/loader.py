@@ -10,6 +10,8 @@ the reader path stays free of torch.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
