@@ -224,6 +224,7 @@ def test_read_only_directory_fails_before_compute_and_stays_readable(tmp_path, r
     (["blocks.0"], "all", UnknownHookError, "Unknown hook name .blocks.0."),
     (["hook_logits"], "cls", ValueError, "hook_logits has no token axis"),
     (["blocks.0.hook_resid_post"], [3, 99], ValueError, r"indices in \[0, 17\)"),
+    ({"blocks.0.hook_resid_post": "cls"}, "patches", ValueError, "tokens='patches' applies only to hooks given"),
 ])
 def test_bad_hooks_and_tokens_fail_before_anything_is_written(tmp_path, hooks, tokens, error, message):
     with pytest.raises(error, match=message):
@@ -326,6 +327,8 @@ def test_class_rank_ignores_the_forward_autocast(thousand_classes):
 @pytest.mark.parametrize("options, message", [
     (dict(batch_size=0), "batch_size must be a positive number of images, got 0"),
     (dict(shard_size=0), "shard_size must be a positive number of samples, or None.*got 0"),
+    (dict(batch_size=2.5), "batch_size must be a positive number of images, got 2.5"),
+    (dict(shard_size=3.5), "shard_size must be a positive number of samples, or None.*got 3.5"),
     (dict(rank=1, world_size=1), r"rank 1 is not in \[0, world_size=1\): pass 0 <= rank < world_size"),
     (dict(rank=-1, world_size=2), r"rank -1 is not in \[0, world_size=2\)"),
     (dict(rank=0, world_size=0), r"rank 0 is not in \[0, world_size=0\)"),
