@@ -23,6 +23,7 @@ import scipy.sparse.linalg
 import torch
 import torch.nn.functional as F
 
+from analyses.explain import resolve_target
 
 BASELINES = ("zero", "black", "mean", "blur", "uniform")
 OUTPUTS = ("probability", "logit", "cross_entropy", "accuracy")
@@ -199,13 +200,18 @@ def _run_curves(model, images: torch.Tensor, positions: torch.Tensor, grid: tupl
     return results
 
 
+def _targets(model, images: torch.Tensor, target) -> torch.Tensor:
+    """`target` (an int or [batch] classes) as [batch] long, checked: integer classes in range, one per image."""
+    return resolve_target(target, len(images), model.cfg.d_vocab, images.device)
+
+
 def _setup(model, images, maps, target, level, order, seed):
-    target = torch.as_tensor(target, device=images.device).long().expand(len(images))
+    target = _targets(model, images, target)
     scores, grid = feature_scores(model, images, maps, level)
     return scores, grid, feature_positions(scores, order, seed=seed), target
 
 
-def _baseline_fill(images: torch.Tensor, base: torch.Tensor) -> Fill:
+def _baseline_fill(base: torch.Tensor) -> Fill:
     return lambda x, removed, rows: torch.where(removed, base[rows], x)
 
 
@@ -228,7 +234,7 @@ def deletion_insertion(model, images: torch.Tensor, maps: torch.Tensor, target, 
     base = baseline_images(images, baseline, data_config=getattr(model, "data_config", None), seed=seed)
     counts = _counts(scores.shape[-1], steps, images.device)
     deleted, inserted = _run_curves(model, images, positions, grid, target, [(counts, False), (counts, True)],
-                                    _baseline_fill(images, base), output, batch_size)
+                                    _baseline_fill(base), output, batch_size)
     return {"deletion": Curves(deleted, auc(deleted, compat=compat)),
             "insertion": Curves(inserted, auc(inserted, compat=compat))}
 
@@ -266,7 +272,7 @@ def _one(model, images, maps, target, insert, steps, baseline, level, order, out
     base = baseline_images(images, baseline, data_config=getattr(model, "data_config", None), seed=seed)
     counts = _counts(scores.shape[-1], steps, images.device)
     (curves,) = _run_curves(model, images, positions, grid, target, [(counts, insert)],
-                            _baseline_fill(images, base), output, batch_size)
+                            _baseline_fill(base), output, batch_size)
     return Curves(curves, auc(curves, compat=compat))
 
 
@@ -286,7 +292,7 @@ def aopc(model, images: torch.Tensor, maps: torch.Tensor, target, *, regions: in
         raise ValueError(f"regions must be between 1 and the {scores.shape[-1]} patches, got {regions}")
     base = baseline_images(images, baseline, data_config=getattr(model, "data_config", None), seed=seed)
     (curves,) = _run_curves(model, images, positions, grid, target, [(torch.arange(n + 1), False)],
-                            _baseline_fill(images, base), output, batch_size)
+                            _baseline_fill(base), output, batch_size)
     drops = curves[:, :1] - curves
     return Curves(drops, drops.mean(-1))
 
@@ -366,7 +372,7 @@ def positive_negative(model, images: torch.Tensor, maps: torch.Tensor, target, *
         counts = _counts(scores.shape[-1], steps, images.device)[:-1]
         base = baseline_images(images, "black", data_config=model.data_config)
         (curves,) = _run_curves(model, images, positions, grid, tgt, [(counts, False)],
-                                _baseline_fill(images, base), output, batch_size)
+                                _baseline_fill(base), output, batch_size)
         out[name] = Curves(curves, auc(curves, torch.arange(steps) / steps))
     return out
 
@@ -381,7 +387,7 @@ def token_removal(model, images: torch.Tensor, maps: torch.Tensor, target, *, or
     fraction (:func:`analyses.saliency.auc`), or with ``compat=True`` the study's Σacc / (max(acc) · N)."""
     from analyses import saliency
 
-    target = torch.as_tensor(target, device=images.device).long().expand(len(images))
+    target = _targets(model, images, target)
     scores, _ = feature_scores(model, images, maps, "patch")
     curve = saliency.token_removal_curve(model, images, target, scores, order=order, batch_size=batch_size)
     return curve, (saliency.auc_study(curve) if compat else saliency.auc(curve))
@@ -394,7 +400,7 @@ def token_removal_auc(model, images: torch.Tensor, maps: torch.Tensor, target, *
     AUC of the batch's curve; the study's AUC (``compat=True`` of :func:`token_removal`) divides by the curve's
     maximum and exists only for a whole set. Each image is one forward of its N - 1 kept sets (up to
     `batch_size` rows). "negative" (keep the highest first): higher is better; "positive": lower is better."""
-    target = torch.as_tensor(target, device=images.device).long().expand(len(images))
+    target = _targets(model, images, target)
     return torch.tensor([token_removal(model, images[i:i + 1], maps[i:i + 1], target[i:i + 1], order=order,
                                        batch_size=batch_size)[1] for i in range(len(images))])
 
