@@ -366,13 +366,14 @@ def positive_negative(model, images: torch.Tensor, maps: torch.Tensor, target, *
     bottom-k (negative) pixels of the bilinearly upsampled map are set to 0 before normalisation (baseline
     "black") and the top-1 accuracy against `target` is recorded. Returns ``{"positive": Curves, "negative":
     Curves}``, AUC over the fraction in [0, 0.9]; positive: lower is better, negative: higher."""
+    target = _targets(model, images, target)
+    scores, grid = feature_scores(model, images, maps, "pixel")
+    counts = _counts(scores.shape[-1], steps, images.device)[:-1]
+    fill = _baseline_fill(baseline_images(images, "black", data_config=model.data_config))
     out = {}
     for name, order in (("positive", "morf"), ("negative", "lerf")):
-        scores, grid, positions, tgt = _setup(model, images, maps, target, "pixel", order, 0)
-        counts = _counts(scores.shape[-1], steps, images.device)[:-1]
-        base = baseline_images(images, "black", data_config=model.data_config)
-        (curves,) = _run_curves(model, images, positions, grid, tgt, [(counts, False)],
-                                _baseline_fill(base), output, batch_size)
+        (curves,) = _run_curves(model, images, feature_positions(scores, order), grid, target, [(counts, False)],
+                                fill, output, batch_size)
         out[name] = Curves(curves, auc(curves, torch.arange(steps) / steps))
     return out
 
