@@ -230,13 +230,9 @@ def deletion_insertion(model, images: torch.Tensor, maps: torch.Tensor, target, 
     images [batch C H W] (the model's input space), maps [batch h w], target an int or [batch] classes. Returns
     ``{"deletion": Curves, "insertion": Curves}``; see :func:`deletion` and :func:`insertion`.
     """
-    scores, grid, positions, target = _setup(model, images, maps, target, level, order, seed)
-    base = baseline_images(images, baseline, data_config=getattr(model, "data_config", None), seed=seed)
-    counts = _counts(scores.shape[-1], steps, images.device)
-    deleted, inserted = _run_curves(model, images, positions, grid, target, [(counts, False), (counts, True)],
-                                    _baseline_fill(base), output, batch_size)
-    return {"deletion": Curves(deleted, auc(deleted, compat=compat)),
-            "insertion": Curves(inserted, auc(inserted, compat=compat))}
+    deleted, inserted = _baseline_curves(model, images, maps, target, (False, True), steps, baseline, level, order,
+                                         output, compat, batch_size, seed)
+    return {"deletion": deleted, "insertion": inserted}
 
 
 def deletion(model, images: torch.Tensor, maps: torch.Tensor, target, *, steps: int = 20,
@@ -255,7 +251,8 @@ def deletion(model, images: torch.Tensor, maps: torch.Tensor, target, *, steps: 
     ``output="probability"`` and "KLD" = ``output="cross_entropy"`` (a cross-entropy, not a KL divergence), its
     "positive" = ``order="morf"`` and "negative" = ``order="lerf"``, AUC with ``compat=True``.
     """
-    return _one(model, images, maps, target, False, steps, baseline, level, order, output, compat, batch_size, seed)
+    return _baseline_curves(model, images, maps, target, (False,), steps, baseline, level, order, output, compat,
+                            batch_size, seed)[0]
 
 
 def insertion(model, images: torch.Tensor, maps: torch.Tensor, target, *, steps: int = 20,
@@ -264,16 +261,19 @@ def insertion(model, images: torch.Tensor, maps: torch.Tensor, target, *, steps:
     """Insertion curve and AUC (higher is better for MoRF): start from the `baseline` image and put back the
     first round(k N / steps) features in map order at step k. Same arguments and returns as :func:`deletion`;
     step 0 is the baseline image and the last step the unperturbed one. Quantus has no insertion metric."""
-    return _one(model, images, maps, target, True, steps, baseline, level, order, output, compat, batch_size, seed)
+    return _baseline_curves(model, images, maps, target, (True,), steps, baseline, level, order, output, compat,
+                            batch_size, seed)[0]
 
 
-def _one(model, images, maps, target, insert, steps, baseline, level, order, output, compat, batch_size, seed):
+def _baseline_curves(model, images, maps, target, inserts, steps, baseline, level, order, output, compat, batch_size,
+                     seed) -> list[Curves]:
+    """Deletion (False) or insertion (True) curves for each of `inserts`, in one :func:`_run_curves` pass."""
     scores, grid, positions, target = _setup(model, images, maps, target, level, order, seed)
     base = baseline_images(images, baseline, data_config=getattr(model, "data_config", None), seed=seed)
     counts = _counts(scores.shape[-1], steps, images.device)
-    (curves,) = _run_curves(model, images, positions, grid, target, [(counts, insert)],
-                            _baseline_fill(base), output, batch_size)
-    return Curves(curves, auc(curves, compat=compat))
+    runs = _run_curves(model, images, positions, grid, target, [(counts, insert) for insert in inserts],
+                       _baseline_fill(base), output, batch_size)
+    return [Curves(curves, auc(curves, compat=compat)) for curves in runs]
 
 
 def aopc(model, images: torch.Tensor, maps: torch.Tensor, target, *, regions: int | None = None,
