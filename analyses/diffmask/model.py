@@ -239,7 +239,7 @@ def check_sizes(model: HookedViT, d_model: int, n_layers: int, source: str) -> N
           description="Vision DiffMask: the probability that learned hard-concrete gates keep each patch; it "
                       "explains the model's own output distribution, so `target` is ignored",
           paper="Nalmpantis et al., Vision DiffMask: Faithful Interpretation of Vision Transformers with "
-                "Differentiable Patch Masking, CVPRW 2023")
+                "Differentiable Patch Masking, CVPRW 2023", own_target=True)
 def explain_diffmask(model: HookedViT, images: torch.Tensor, target: torch.Tensor | None = None, *,
                      compat: bool = False, gates: "DiffMask | str | Path | None" = None, gate: int = -1,
                      aggregated: bool = True) -> torch.Tensor:
