@@ -69,12 +69,19 @@ class Projection(NamedTuple):
     top5: torch.Tensor  # int16 [batch pos 5], the five best classes, best first
 
 
-def resolve_precision(precision: str, device: torch.device | str) -> str:
+def resolve_precision(precision: str, device: torch.device | str, compat: bool = False) -> str:
     """``"auto"`` -> ``"bfloat16"`` on CUDA or on a CPU with native bfloat16 (AMX or AVX512-BF16), else
     ``"float32"``; other values are checked and returned. Without native support the bfloat16 projection is
-    slower than float32 (measured 0.21 of the forward vs 0.82)."""
+    slower than float32 (measured 0.21 of the forward vs 0.82). With `compat` (the study's numbers, which it
+    computed in float32 and whose ties its sort places) "auto" is always ``"float32"`` and ``"bfloat16"`` is
+    refused."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    if compat:
+        if precision == "bfloat16":
+            raise ValueError("compat=True reproduces vit-cls_emb's float32 ranks (ties placed by its sort), which "
+                             "bfloat16 cannot: pass precision='auto' or 'float32' with compat=True")
+        return "float32"
     if precision != "auto":
         return precision
     if torch.device(device).type == "cuda":
@@ -95,14 +102,15 @@ def project(model, activation: torch.Tensor, labels: torch.Tensor, *, precision:
             compat: bool = False, top_k: int = 5) -> Projection:
     """Project [batch pos d_model] through ``model.final_norm`` and the head; reduce to the label's rank, logit
     and the `top_k` classes (:class:`Projection`; ``top_k=0`` skips them). Always outside any autocast of the
-    forward. `compat` places ties as vit-cls_emb's sort does (:func:`label_rank`).
+    forward. `compat` places ties as vit-cls_emb's sort does (:func:`label_rank`), in float32 (the study's
+    precision: "auto" resolves to it, "bfloat16" is refused).
 
     ``precision="bfloat16"`` rounds the normed tokens and the head to bfloat16 and sums the products in
     float32, with the label's logit subtracted inside the product (see :func:`_bfloat16_differences`): the
     rank changes only for classes within about 1% of the label's logit, the top-5 order only among classes
     that close to each other, and the label's logit is that of the rounded operands.
     """
-    precision = resolve_precision(precision, activation.device)
+    precision = resolve_precision(precision, activation.device, compat)
     with torch.autocast(activation.device.type, enabled=False):
         normed = model.final_norm(activation.float())
         if precision == "float32":
@@ -189,20 +197,20 @@ class ClassRankReducer(Reducer):
     The projection costs a [d_model x classes] product per token and layer, about 10% of ViT-B's compute.
     ``precision`` says how it is computed, always outside any autocast of the forward:
 
-    - ``"float32"`` (default): float32 logits, the ranks of vit-cls_emb.
+    - ``"float32"``: float32 logits, the ranks of vit-cls_emb.
     - ``"bfloat16"``: the normed tokens and the head rounded to bfloat16, products summed in float32
       (half the cost on a CPU with AMX; GPUs run it on their bfloat16 units). The label's logit is
       subtracted inside the product, so the sign of each difference is not rounded away and no bfloat16
       ties appear; a class can move across the label only when their float32 logits differ by less than
       ``2**-7 * (m_c + m_label)``, with ``m_c = sum_i |z_i W_ic| + |b_c|`` (about 1% of the logit scale).
-    - ``"auto"``: bfloat16 where the hardware runs it natively (CUDA, AMX or AVX512-BF16), else float32
-      (:func:`resolve_precision`); the default of :func:`run`.
+    - ``"auto"`` (default): bfloat16 where the hardware runs it natively (CUDA, AMX or AVX512-BF16), else
+      float32 (:func:`resolve_precision`).
     """
 
     dtype = "int16"
     PRECISIONS = PRECISIONS
 
-    def __init__(self, hook: str = "hook_resid_post", name: str = "class_rank", precision: str = "float32"):
+    def __init__(self, hook: str = "hook_resid_post", name: str = "class_rank", precision: str = "auto"):
         resolve_precision(precision, "cpu")  # checks it
         self.hook, self.name, self.precision = hook, name, precision
 
@@ -247,6 +255,7 @@ class ProjectionReducer(ClassRankReducer):
             raise ValueError(f"unknown projection output {what!r}; expected one of {sorted(self.KINDS)}")
         suffix = {hook_name: s for s, hook_name in SOURCES.items()}.get(hook, f"_{hook}")
         super().__init__(hook, self.KINDS[what][0] + suffix, precision)
+        resolve_precision(precision, "cpu", compat)  # bfloat16 with compat is refused here, before a forward
         self.what, self.dtype, self.compat = what, self.KINDS[what][1], compat
         self._shared = shared or _SharedProjection(precision, compat)
 
@@ -310,7 +319,8 @@ def run(model, data, store: str | os.PathLike, *, compat: bool = False, random_t
     - ``hook_logits``: float32 [n, classes], the model's logits;
 
     computed on the device (``precision``: see :class:`ClassRankReducer`; "auto" = bfloat16 only where the
-    hardware runs it natively). ``compat=True`` ranks ties as vit-cls_emb's sort (:func:`label_rank`).
+    hardware runs it natively). ``compat=True`` ranks ties as vit-cls_emb's sort (:func:`label_rank`), in
+    float32 as the study did ("auto" resolves to float32 there; "bfloat16" is refused).
     ``random_twin=True`` also records :func:`random_model` (seeded with `seed`) over the same data into
     ``<store>-random`` (:func:`random_twin_path`), the baseline of :func:`compare_to_random`. Running again
     finishes only the missing images. Other keyword arguments go to :func:`vitlens.record`.
@@ -319,7 +329,7 @@ def run(model, data, store: str | os.PathLike, *, compat: bool = False, random_t
     """
     from vitlens.recorder import record
 
-    resolve_precision(precision, "cpu")  # checked before anything runs
+    resolve_precision(precision, "cpu", compat)  # checked before anything runs
     options = dict(hooks={"hook_logits": "all"}, dtype="float32", batch_size=batch_size, device=device,
                    progress=progress, **record_options)
     if random_twin:

@@ -135,8 +135,8 @@ def main() -> None:
             "forward": lambda: forward_pass(model, dataset, args, device, autocast),
             "eager": lambda: forward_pass(eager, dataset, args, device, autocast),
             "all tokens": lambda: recording(model, dataset, all_tokens, hooks=HOOKS, **options),
-            "cls + rank": lambda: recording(model, dataset, folder / "cls", reducers=[ClassRankReducer()],
-                                            **cls_only),
+            "cls + rank": lambda: recording(model, dataset, folder / "cls",
+                                            reducers=[ClassRankReducer(precision="float32")], **cls_only),
             "cls + rank bf16": lambda: recording(model, dataset, folder / "cls",
                                                  reducers=[ClassRankReducer(precision="bfloat16")], **cls_only),
         }, device, repeats=args.repeats, warmup=0)

@@ -250,6 +250,35 @@ def test_mlp_similarity_change_reads_the_previous_residual(study):
         assert table.loc[(layer, "mlp", "image"), "rate"] == pytest.approx(100 * up)
 
 
+def test_compat_projects_in_float32_where_auto_would_pick_bfloat16(monkeypatch):
+    """The study ranked float32 logits (ties placed by its sort): compat=True keeps that even on hardware where
+    "auto" means bfloat16, and refuses an explicit bfloat16."""
+    monkeypatch.setattr(ce, "_cpu_has_native_bfloat16", lambda: True)
+    assert ce.resolve_precision("auto", "cpu") == "bfloat16"
+    model = vitlens.load_model("tiny-scenes")
+    x = torch.randn(3, 37, 64, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([2, 5, 9])
+    x[:, :, :] = x[:, :1, :]  # every token of an image the same: ties only across classes, below
+    with torch.no_grad():
+        model.vit.head.weight[0] = model.vit.head.weight[labels[0]]  # class 0 ties label 2 exactly
+        model.vit.head.bias[0] = model.vit.head.bias[labels[0]]
+        logits = model.vit.head(model.vit.norm(x))  # the study's float32 logits, plainly
+    label_logit = logits[torch.arange(3), :, labels][..., None]
+    study_rank = (logits > label_logit).sum(-1) + ((logits == label_logit)
+                                                  & (torch.arange(10) < labels.view(-1, 1, 1))).sum(-1)
+    with torch.inference_mode():
+        compat = ce.project(model, x, labels, precision="auto", compat=True)
+        default = ce.project(model, x, labels, precision="auto")
+    assert torch.equal(compat.rank.long(), study_rank)
+    assert (study_rank[0] == (logits[0] > label_logit[0]).sum(-1) + 1).all()  # the tie counts, as in the study
+    assert torch.equal(compat.logit, label_logit.squeeze(-1))  # float32, not the rounded operands' logit
+    assert not torch.equal(default.logit, compat.logit)  # auto alone did take the bfloat16 path
+    with pytest.raises(ValueError, match="precision='auto' or 'float32' with compat=True"):
+        ce.run(model, [], "unused", compat=True, precision="bfloat16")
+    with pytest.raises(ValueError, match="compat=True"):
+        ce.ProjectionReducer("rank", precision="bfloat16", compat=True)
+
+
 def test_bfloat16_head_follows_in_place_weight_edits():
     model, fresh = vitlens.load_model("tiny-scenes"), vitlens.load_model("tiny-scenes")
     x = torch.randn(2, 37, 64, generator=torch.Generator().manual_seed(0))
@@ -267,7 +296,7 @@ def test_bfloat16_head_follows_in_place_weight_edits():
 
 def test_cli_record_class_rank_goes_through_the_registry(tmp_path):
     path = tmp_path / "ranks"
-    assert main(["record", "tiny-scenes", "scenes", str(path), "--n-per-class", "1", "--class-rank",
+    assert main(["record", "tiny-scenes", "scenes", str(path), "--n-per-class", "1", "--class-rank", "float32",
                  "--no-progress"]) == 0
     store = vitlens.ActivationStore(path)
     model = vitlens.load_model("tiny-scenes")

@@ -252,8 +252,9 @@ def test_token_selections(tmp_path):
 
 def test_class_rank_reducer_matches_the_projection_of_cached_residuals(tmp_path):
     model, dataset = tiny_model(), SyntheticImages(16)
-    store = vitlens.record(model, dataset, tmp_path / "ranks", hooks="hook_logits", reducers=[ClassRankReducer()],
-                           dtype="float32", batch_size=16, progress=False)
+    store = vitlens.record(model, dataset, tmp_path / "ranks", hooks="hook_logits",
+                           reducers=[ClassRankReducer(precision="float32")], dtype="float32", batch_size=16,
+                           progress=False)
     ranks = store["class_rank"][:]
     assert ranks.dtype == np.int16 and ranks.shape == (16, 2, 17)
     labels = torch.tensor(dataset.samples.label)
@@ -296,7 +297,7 @@ def test_class_rank_precisions_against_float64_logits(thousand_classes):
         normed, W, b = model.final_norm(resid), model.W_U, model.b_U
         magnitude = normed.abs().double() @ W.abs().double() + b.abs().double()  # sum_i |z_i W_ic| + |b_c|
         label_magnitude = magnitude.gather(-1, labels.view(-1, 1, 1).expand(-1, 17, 1))
-        fp32 = ClassRankReducer().reduce(model, resid, labels).long()
+        fp32 = ClassRankReducer(precision="float32").reduce(model, resid, labels).long()
         bf16 = ClassRankReducer(precision="bfloat16").reduce(model, resid, labels).long()
         exact = rank_bounds(normed, W, b, labels, 0.0)[0]
         # float32: exact but for float32 rounding; bfloat16: only classes within the documented bound move
@@ -315,9 +316,9 @@ def test_class_rank_precisions_against_float64_logits(thousand_classes):
 def test_class_rank_ignores_the_forward_autocast(thousand_classes):
     model, resid, labels = thousand_classes
     with torch.inference_mode():
-        expected = ClassRankReducer().reduce(model, resid, labels)
+        expected = ClassRankReducer(precision="float32").reduce(model, resid, labels)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert torch.equal(ClassRankReducer().reduce(model, resid, labels), expected)
+            assert torch.equal(ClassRankReducer(precision="float32").reduce(model, resid, labels), expected)
             bf16_logits = model.unembed(resid)  # what a reducer under autocast would see: bfloat16 ties
         assert bf16_logits.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="precision 'float16'"):

@@ -315,10 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "prefix, patches or indices 0,5,9); repeatable")
     rec.add_argument("--tokens", type=_tokens, default="all",
                      help="tokens for --hook given without =TOKENS (default all)")
-    rec.add_argument("--class-rank", nargs="?", const="float32", choices=("float32", "bfloat16"),
+    rec.add_argument("--class-rank", nargs="?", const="auto", choices=("auto", "float32", "bfloat16"),
                      default=None, metavar="PRECISION",
                      help="also store the label's rank under the class-embedding projection of every token "
-                          "and layer (int16, ClassRankReducer), computed in float32 (default) or bfloat16")
+                          "and layer (int16, ClassRankReducer), computed in float32, bfloat16 or auto (the "
+                          "default: bfloat16 only where the hardware runs it natively)")
     rec.add_argument("--dtype", default="float16", choices=("float16", "float32", "float64"))
     rec.add_argument("--shard-size", type=_count(1), default=None, help="samples per shard (default: the recorder's)")
     rec.add_argument("--autocast", choices=sorted(_AUTOCAST), default=None, help="run the forward under autocast")

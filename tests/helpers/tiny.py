@@ -50,7 +50,7 @@ class SyntheticImages(Dataset):
 
 def record_tiny(path, dataset: SyntheticImages, **kwargs) -> ActivationStore:
     """Record :data:`HOOKS` and class ranks of :func:`tiny_model` in float32 (no progress bar)."""
-    options = dict(hooks=HOOKS, reducers=[ClassRankReducer()], dtype="float32", progress=False)
+    options = dict(hooks=HOOKS, reducers=[ClassRankReducer(precision="float32")], dtype="float32", progress=False)
     return vitlens.record(tiny_model(), dataset, path, **{**options, **kwargs})
 
 
