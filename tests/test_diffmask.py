@@ -211,6 +211,37 @@ def test_saved_gates_give_identical_masks_and_serve_the_explain_interface(model,
         diffmask.mask(images, gate=6)
 
 
+def test_a_gates_path_is_loaded_once_per_recording_and_again_when_the_file_changes(tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    from analyses import explain as explain_module
+    from tests.helpers.tiny import SyntheticImages, tiny_model
+
+    model, data = tiny_model(seed=3), SyntheticImages(12, seed=3)
+    images = data.images
+    path = tmp_path / "gates.safetensors"
+    perturbed(model, seed=2).save(path)
+    expected = DiffMask.load(model, path).mask(images)  # loaded plainly, before any cache
+    load, loads = DiffMask.load, []
+    monkeypatch.setattr(DiffMask, "load", classmethod(lambda cls, *a: loads.append(a[1]) or load(*a)))
+    explain_module.run(model, data, "diffmask", tmp_path / "maps", options={"diffmask": {"gates": str(path)}},
+                       batch_size=4, progress=False)  # 3 batches
+    with vitlens.ActivationStore(tmp_path / "maps") as store:
+        stored = torch.from_numpy(store["map.diffmask"][:])
+    assert len(loads) == 1 and torch.equal(stored, expected)  # one read of the file, the same maps bit for bit
+    assert torch.equal(explain(model, images[:5], "diffmask", gates=path), expected[:5]) and len(loads) == 1
+    perturbed(model, seed=4).save(path)  # rewritten on disk: never the stale gates
+    changed = explain(model, images, "diffmask", gates=path)
+    assert len(loads) == 2 and torch.equal(changed, load(model, path).mask(images))
+    assert not torch.equal(changed, expected)
+    assert torch.equal(explain(model, images, "diffmask", gates=perturbed(model, seed=2)), expected)  # an object
+    dead = weakref.ref(model)
+    del model
+    gc.collect()
+    assert dead() is None  # the cached gates do not keep the model alive
+
+
 def replayed_gates(logits: torch.Tensor) -> torch.Tensor:
     """Hard-concrete samples [batch pos k] from the next torch.rand draw, written out plainly (§B4): a binary
     concrete of temperature 0.2 stretched to (-0.2, 1) and clamped to [0, 1]."""

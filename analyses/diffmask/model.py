@@ -226,6 +226,29 @@ class DiffMask(nn.Module):
         return diffmask.to(next(model.parameters()).device)
 
 
+_CACHE_ATTRIBUTE = "_vitlens_diffmask_gates"  # on the model: (file key, DiffMask) of the gates loaded last
+
+
+def load_cached(model: HookedViT, path: str | Path) -> DiffMask:
+    """``DiffMask.load(model, path)``, kept for the next call with the same model and unchanged file.
+
+    Explaining with ``gates=PATH`` (every batch of a recording calls :func:`explain_diffmask`) reads the file
+    and builds the gates once. The cache is one entry on the model object itself, keyed on the resolved path,
+    the file's inode, mtime and size and the model's device, so a rewritten file or a moved model loads again,
+    and it goes away with the model (a module-level cache would keep every model alive).
+    """
+    path = Path(path).resolve()
+    try:
+        stat = path.stat()
+    except OSError:
+        return DiffMask.load(model, path)  # raises FileNotFoundError naming the fix
+    key = (str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size, str(next(model.parameters()).device))
+    cached = model.__dict__.get(_CACHE_ATTRIBUTE)
+    if cached is None or cached[0] != key:
+        cached = model.__dict__[_CACHE_ATTRIBUTE] = (key, DiffMask.load(model, path))
+    return cached[1]
+
+
 def check_sizes(model: HookedViT, d_model: int, n_layers: int, source: str) -> None:
     """Raise ValueError naming both sizes when a checkpoint was made for another width or depth."""
     want = (model.cfg.d_model, model.cfg.n_layers)
@@ -247,11 +270,12 @@ def explain_diffmask(model: HookedViT, images: torch.Tensor, target: torch.Tenso
 
     `target` is ignored: DiffMask keeps the patches that preserve the whole predicted distribution. `compat`
     changes nothing here (the original's inference mask has no bug; its training does, see :mod:`.train`).
+    A path is loaded once per model and file (:func:`load_cached`), not once per call or recorded batch.
     """
     if gates is None:
         raise ValueError("diffmask needs trained gates: pass gates=PATH (DIR/diffmask.safetensors written by "
                          "`vitlens train-diffmask --out DIR`, or DiffMask.save) or a DiffMask object")
-    diffmask = gates if isinstance(gates, DiffMask) else DiffMask.load(model, gates)
+    diffmask = gates if isinstance(gates, DiffMask) else load_cached(model, gates)
     if diffmask.model is not model:
         raise ValueError("these DiffMask gates were built for another model object; build or load them with the "
                          "model you explain (DiffMask.load(model, path))")
