@@ -116,7 +116,7 @@ def forward_kept(model, images: torch.Tensor, keep: torch.Tensor, *, fwd_hooks: 
             x = x.gather(1, index.expand(-1, -1, x.shape[-1]))
             for block in model.blocks:
                 x = block(x)
-            out = model.hook_logits(model._head(model.ln_final(x)))
+            out = model.forward_head(model.ln_final(x))
             logits = out.new_empty(len(images), out.shape[-1]) if logits is None else logits
             logits = logits.index_copy(0, rows, out)
             if return_resid:

@@ -464,3 +464,44 @@ def test_backward_hook_gradient_has_the_right_value():
     vit.head(vit.norm(resid_post[:, 0]))[:, 3].sum().backward()
     torch.testing.assert_close(grads["pattern"], pattern.grad, atol=1e-5, rtol=0)
     assert pattern.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["tiny-scenes", "tiny-scenes-gap", "distilled"])
+@torch.no_grad()
+def test_forward_head_equals_timm_forward_head_on_the_cached_residual(name):
+    """forward_head(ln_final(resid)) against timm's vit.forward_head(vit.norm(resid)) and against pooling written
+    out by hand (CLS token, or fc_norm of the patch mean), with hook_pooled and hook_logits firing on the way."""
+    if name == "distilled":
+        vit = build("distilled")
+        model, x = HookedViT.from_timm(vit), images()
+    else:
+        from vitlens import load_model
+
+        model = load_model(name)
+        vit, x = model.vit, torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(2))
+    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    logits, cache = model.run_with_cache(x, names_filter=[last])
+    resid = cache[last]  # [batch pos d_model]
+    seen = {}
+    keep = lambda t, hook: seen.setdefault(hook.name, t.clone())  # noqa: E731
+    with model.hooks(fwd_hooks=[("hook_pooled", keep), ("hook_logits", keep)]):
+        out = model.forward_head(model.ln_final(resid))
+    torch.testing.assert_close(out, vit.forward_head(vit.norm(resid)), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out, logits, atol=1e-6, rtol=0)
+    assert torch.equal(seen["hook_logits"], out)
+    if name == "tiny-scenes":  # CLS pooling: the normed CLS token
+        pooled = F.layer_norm(resid[:, 0], (64,), vit.norm.weight, vit.norm.bias, vit.norm.eps)
+    elif name == "tiny-scenes-gap":  # norm is Identity; fc_norm of the mean of the 36 patch tokens
+        assert isinstance(vit.norm, torch.nn.Identity)
+        pooled = F.layer_norm(resid[:, 1:].mean(1), (64,), vit.fc_norm.weight, vit.fc_norm.bias, vit.fc_norm.eps)
+    else:  # DeiT-distilled: CLS and distillation token, each through its own head, logits averaged
+        pooled = F.layer_norm(resid[:, :2], (32,), vit.norm.weight, vit.norm.bias, vit.norm.eps)
+        by_hand = (pooled[:, 0] @ vit.head.weight.T + vit.head.bias
+                   + pooled[:, 1] @ vit.head_dist.weight.T + vit.head_dist.bias) / 2
+        torch.testing.assert_close(out, by_hand, atol=1e-5, rtol=0)
+    torch.testing.assert_close(seen["hook_pooled"], pooled, atol=1e-5, rtol=0)
+    if name != "distilled":
+        torch.testing.assert_close(out, pooled @ vit.head.weight.T + vit.head.bias, atol=1e-5, rtol=0)
+    # A hook that replaces the logits replaces what forward_head returns (and so what forward returns).
+    with model.hooks(fwd_hooks=[("hook_logits", lambda t, hook: torch.zeros_like(t))]):
+        assert not model.forward_head(model.ln_final(resid)).any() and not model(x).any()
