@@ -11,6 +11,7 @@ metrics themselves are functions over tensors in those two modules (and re-expor
 """
 from __future__ import annotations
 
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,10 @@ def _values(metrics: tuple[str, ...]) -> list[tuple[str, str]]:
 
 class Scores(Computation):
     """The scores of one method (or baseline) per image, as a recorder ``Computation`` (``scores.<method>``:
-    float32 [values], plus the mask's object fraction), so that evaluation resumes and splits over ranks."""
+    float32 [values], plus the mask's object fraction), so that evaluation resumes and splits over ranks.
+
+    The maps store is opened on the first batch and kept open for the rest; :meth:`close` (which
+    :func:`evaluate` calls when the recording ends) closes it."""
 
     dtype = "float32"
     needs_grad = False
@@ -64,6 +68,7 @@ class Scores(Computation):
             steps, baseline
         self.name = f"scores.{method}"
         self._dataset = dataset
+        self._maps_store = None  # the ActivationStore at maps_path, opened by the first maps() call
 
     def to_dict(self) -> dict:
         return {"class": "Scores", "method": self.method, "metrics": list(self.metrics), "steps": self.steps,
@@ -84,11 +89,18 @@ class Scores(Computation):
             return localisation.centre_prior((len(images), *grid))
         if self.method == "oracle":
             return localisation.oracle_maps(masks)
-        from vitlens.store import ActivationStore
+        if self._maps_store is None:
+            from vitlens.store import ActivationStore
 
-        with ActivationStore(self.maps_path) as store:
-            rows = indices.cpu().numpy()
-            return torch.from_numpy(store[f"map.{self.method}"][rows.min():rows.max() + 1][rows - rows.min()])
+            self._maps_store = ActivationStore(self.maps_path)
+        rows = indices.cpu().numpy()
+        return torch.from_numpy(self._maps_store[f"map.{self.method}"][rows.min():rows.max() + 1][rows - rows.min()])
+
+    def close(self) -> None:
+        """Close the maps store if :meth:`maps` opened it (a later batch opens it again)."""
+        if self._maps_store is not None:
+            self._maps_store.close()
+            self._maps_store = None
 
     def compute(self, model, images: torch.Tensor, labels: torch.Tensor, batch: dict) -> torch.Tensor:
         indices = torch.as_tensor(batch["index"])
@@ -184,11 +196,11 @@ def evaluate(store, data, *, methods=None, metrics=None, model=None, steps: int 
     model = vitlens.load_model(tag) if model is None else model
     frames = []
     for method in [m for m in methods if m not in BASELINE_METHODS] + list(BASELINE_METHODS):
-        scores = Scores(method, metrics, path, data, steps, baseline)
         out_path = path / "results" / "evaluate" / method
         shard_size = None if (out_path / METADATA_FILE).exists() else batch_size  # an existing store keeps its own
-        out = vitlens.record(model, data, out_path, computations=[scores], dtype="float32", batch_size=batch_size,
-                             shard_size=shard_size, device=device, progress=progress)
+        with closing(Scores(method, metrics, path, data, steps, baseline)) as scores:  # the maps store, opened once
+            out = vitlens.record(model, data, out_path, computations=[scores], dtype="float32",
+                                 batch_size=batch_size, shard_size=shard_size, device=device, progress=progress)
         with out:
             values = out[scores.name][:]
         frames.append(_tidy(values, method, metrics, samples))

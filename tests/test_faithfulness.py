@@ -270,6 +270,42 @@ def test_interrupted_evaluation_resumes_to_the_same_table(map_store, tmp_path, m
             == (copies["whole"] / "results" / "evaluate.csv").read_text())
 
 
+def test_scores_open_the_maps_store_once_per_method_and_close_it(map_store, tmp_path, monkeypatch):
+    import shutil
+
+    from analyses import benchmark
+    from vitlens import store as store_module
+
+    model, data, path = map_store
+    opened = []
+
+    class Counted(store_module.ActivationStore):
+        def __init__(self, where, *args, **kwargs):
+            super().__init__(where, *args, **kwargs)
+            opened.append(self)
+
+    monkeypatch.setattr(store_module, "ActivationStore", Counted)
+    with store_module.ActivationStore(path) as plain:
+        stored = torch.from_numpy(plain["map.rollout"][:])
+    opened.clear()
+    scores = benchmark.Scores("rollout", ("relevance_mass",), path, data)
+    for rows in ([0, 1, 2], [3, 5, 4], [9], [6, 8]):  # batches as the recorder gives them, one store read each
+        images = torch.stack([data[i]["image"] for i in rows])
+        assert torch.equal(scores.maps(model, images, torch.tensor(rows), None), stored[rows])
+    assert len(opened) == 1 and not opened[0]._closed
+    scores.close()
+    assert opened[0]._closed and scores._maps_store is None
+    assert scores.to_dict() == {"class": "Scores", "method": "rollout", "metrics": ["relevance_mass"], "steps": 20,
+                                "baseline": "zero"}  # the scores store's identity is unchanged
+    copy = tmp_path / "maps"
+    shutil.copytree(path, copy, ignore=shutil.ignore_patterns("results"))
+    opened.clear()
+    fa.evaluate(copy, data, metrics=["relevance_mass"], model=model, batch_size=3, progress=False)  # 4 batches
+    maps_opens = [s for s in opened if s.path == copy]
+    assert len(maps_opens) == 2  # evaluate's check of the store, then rollout's scores; the baselines read none
+    assert all(s._closed for s in maps_opens)
+
+
 def test_evaluate_bad_input(map_store, tmp_path):
     model, data, path = map_store
     with pytest.raises(ValueError, match="unknown metric"):
