@@ -414,7 +414,7 @@ def test_class_rank_reducer_uses_fc_norm_on_average_pool_models():
     fc_norm, head = model.vit.fc_norm, model.vit.head
     logits = F.layer_norm(resid, (32,), fc_norm.weight, fc_norm.bias, fc_norm.eps) @ head.weight.T + head.bias
     expected = (logits > logits[torch.arange(3), :, labels][..., None]).sum(-1)  # [batch pos]
-    ranks = ClassRankReducer().reduce(model, resid, labels)
+    ranks = ClassRankReducer(precision="float32").reduce(model, resid, labels)
     assert torch.equal(ranks.long(), expected)
     raw = resid @ head.weight.T + head.bias  # what a final_norm that skipped fc_norm would rank
     assert not torch.equal((raw > raw[torch.arange(3), :, labels][..., None]).sum(-1), expected)
