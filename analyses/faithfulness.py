@@ -399,11 +399,15 @@ def token_removal_auc(model, images: torch.Tensor, maps: torch.Tensor, target, *
     """The token-removal AUC of each image, [batch]: the plain AUC of :func:`token_removal` on the image alone
     (its curve is 0 or 1 at each n). The plain AUC is linear in the curve, so the mean over images equals the
     AUC of the batch's curve; the study's AUC (``compat=True`` of :func:`token_removal`) divides by the curve's
-    maximum and exists only for a whole set. Each image is one forward of its N - 1 kept sets (up to
-    `batch_size` rows). "negative" (keep the highest first): higher is better; "positive": lower is better."""
+    maximum and exists only for a whole set. The N - 1 kept sets of all images go through the model together,
+    up to `batch_size` rows per call (:func:`analyses.saliency.token_removal_hits`). "negative" (keep the highest
+    first): higher is better; "positive": lower is better."""
+    from analyses import saliency
+
     target = _targets(model, images, target)
-    return torch.tensor([token_removal(model, images[i:i + 1], maps[i:i + 1], target[i:i + 1], order=order,
-                                       batch_size=batch_size)[1] for i in range(len(images))])
+    scores, _ = feature_scores(model, images, maps, "patch")
+    hits = saliency.token_removal_hits(model, images, target, scores, order=order, batch_size=batch_size)
+    return torch.tensor([saliency.auc(curve) for curve in hits.T.double()])
 
 
 _BENCHMARK = ("BASELINE_METHODS", "CURVE_METRICS", "LOCALISATION_METRICS", "METRICS", "DEFAULT_METRICS",

@@ -13,9 +13,9 @@ block's objective reaches only its own probabilities.
 - ``compat=True``: the original's loss, ``CrossEntropyLoss(softmax(projection), one-hot)``, a double
   softmax (cross-entropy applied to probabilities); importance = minus its gradient.
 
-Token-removal curves (:func:`token_removal_curve`) keep the top-n patch tokens of any score map (dropped
-after the position embedding, :func:`analyses.perturbation.forward_kept`) and measure accuracy per n,
-batched over n; :func:`auc_study` is the study's AUC, :func:`auc` a plain one. Orderings: any map, the
+Token-removal curves (:func:`token_removal_curve`; each image's own, :func:`token_removal_hits`) keep the
+top-n patch tokens of any score map (dropped after the position embedding,
+:func:`analyses.perturbation.forward_kept`) and measure accuracy per n, batched over images and n; :func:`auc_study` is the study's AUC, :func:`auc` a plain one. Orderings: any map, the
 linear-probe ranks (:func:`probe_scores`), random (:func:`random_curve`) and, on data with token masks, the
 true object tokens (:func:`oracle_scores`). :func:`run` gives the study's perturbation-AUC table.
 """
@@ -116,7 +116,17 @@ def importance(model, images: torch.Tensor, target: torch.Tensor, *, compat: boo
 def token_removal_curve(model, images: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, *,
                         order: str = "negative", n_keep: Sequence[int] | None = None,
                         batch_size: int = 256) -> torch.Tensor:
-    """Accuracy (float64 [len(n_keep)]) when only the n best (or worst) patch tokens are kept, for each n.
+    """Accuracy (float64 [len(n_keep)]) when only the n best (or worst) patch tokens are kept, for each n: the
+    mean over images of :func:`token_removal_hits` (same arguments)."""
+    hits = token_removal_hits(model, images, labels, scores, order=order, n_keep=n_keep, batch_size=batch_size)
+    return hits.sum(1, dtype=torch.float64) / len(images)
+
+
+def token_removal_hits(model, images: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, *,
+                       order: str = "negative", n_keep: Sequence[int] | None = None,
+                       batch_size: int = 256) -> torch.Tensor:
+    """Whether each image is still classified as its label when only its n best (or worst) patch tokens are
+    kept: bool [len(n_keep) batch] on the CPU, one row per n (each image's own 0/1 token-removal curve).
 
     Args:
         images: [batch C H W]; labels: long [batch].
@@ -143,7 +153,7 @@ def token_removal_curve(model, images: torch.Tensor, labels: torch.Tensor, score
     place = torch.empty_like(order_index).scatter_(1, order_index, torch.arange(n_patches).expand_as(order_index))
     patches = layout.tokens("patches").to(images.device)
     labels = labels.to(images.device)
-    correct = torch.zeros(len(n_keep), dtype=torch.float64)
+    hits = torch.zeros(len(n_keep), len(images), dtype=torch.bool)
     per_call = max(1, batch_size // len(images))
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
@@ -153,9 +163,9 @@ def token_removal_curve(model, images: torch.Tensor, labels: torch.Tensor, score
                 keep = torch.zeros(len(counts), len(chunk), layout.n_tokens, dtype=torch.bool, device=images.device)
                 keep[:, :, patches] = place_chunk[None] < counts[:, None, None]
                 logits = forward_kept(model, chunk.repeat(len(counts), 1, 1, 1), keep.flatten(0, 1))
-                hits = logits.argmax(-1).view(len(counts), len(chunk)) == labels[start:start + batch_size]
-                correct[first:first + len(counts)] += hits.sum(1).cpu()
-    return correct / len(images)
+                correct = logits.argmax(-1).view(len(counts), len(chunk)) == labels[start:start + batch_size]
+                hits[first:first + len(counts), start:start + len(chunk)] = correct.cpu()
+    return hits
 
 
 def auc_study(curve: torch.Tensor, n_patches: int | None = None) -> float:

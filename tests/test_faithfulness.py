@@ -159,6 +159,26 @@ def test_token_removal_auc_per_image(scenes):
     torch.testing.assert_close(fa.token_removal_auc(model, images, pixels, labels), per_image)
 
 
+def test_token_removal_auc_batches_images_with_the_per_image_values(scenes, monkeypatch):
+    from analyses import saliency
+
+    model, images, masks, labels = scenes
+    images, maps, labels = images[:6], masks[:6] + torch.rand(6, 6, 6, generator=torch.Generator().manual_seed(0)), \
+        labels[:6]
+    for order in ("negative", "positive"):  # one image at a time, as the AUCs were computed before batching
+        alone = torch.tensor([fa.token_removal(model, images[i:i + 1], maps[i:i + 1], labels[i:i + 1],
+                                               order=order)[1] for i in range(6)])
+        assert 0 < alone.mean() < 1 and len(alone.unique()) > 1
+        forward_kept, calls = saliency.forward_kept, []
+        monkeypatch.setattr(saliency, "forward_kept", lambda m, x, keep: calls.append(len(x)) or forward_kept(m, x, keep))
+        assert torch.equal(fa.token_removal_auc(model, images, maps, labels, order=order), alone)
+        assert calls == [6 * 35]  # every image's 35 kept sets in one call, not one call per image
+        calls.clear()
+        assert torch.equal(fa.token_removal_auc(model, images, maps, labels, order=order, batch_size=40), alone)
+        assert max(calls) <= 40 and sum(calls) == 6 * 35  # up to batch_size rows per call
+        monkeypatch.undo()
+
+
 def test_bad_input(tiny):
     model, images, maps, target = tiny
     with pytest.raises(ValueError, match="token grid \\(4, 4\\)"):

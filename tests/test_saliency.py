@@ -135,6 +135,13 @@ def test_token_removal_curve_equals_a_plain_loop(scenes, order):
                                          batch_size=10)
     expected = [_plain_accuracy(model, images, labels, scores, n, order) for n in (1, 4, 20, 36)]
     torch.testing.assert_close(curve, torch.tensor(expected, dtype=torch.float64))
+    hits = saliency.token_removal_hits(model, images, labels, scores, order=order, n_keep=[1, 4, 20, 36],
+                                       batch_size=10)  # each image's own curve: the plain loop on it alone
+    assert hits.dtype == torch.bool and hits.shape == (4, 6)
+    for b in range(6):
+        plain = [_plain_accuracy(model, images[b:b + 1], labels[b:b + 1], scores[b:b + 1], n, order)
+                 for n in (1, 4, 20, 36)]
+        assert hits[:, b].tolist() == [p == 1.0 for p in plain]
 
 
 def test_the_oracle_ordering_beats_random_on_the_scenes(scenes):
