@@ -15,9 +15,10 @@ block's objective reaches only its own probabilities.
 
 Token-removal curves (:func:`token_removal_curve`; each image's own, :func:`token_removal_hits`) keep the
 top-n patch tokens of any score map (dropped after the position embedding,
-:func:`analyses.perturbation.forward_kept`) and measure accuracy per n, batched over images and n; :func:`auc_study` is the study's AUC, :func:`auc` a plain one. Orderings: any map, the
-linear-probe ranks (:func:`probe_scores`), random (:func:`random_curve`) and, on data with token masks, the
-true object tokens (:func:`oracle_scores`). :func:`run` gives the study's perturbation-AUC table.
+:func:`analyses.perturbation.forward_kept`) and measure accuracy per n, batched over images and n;
+:func:`auc_study` is the study's AUC, :func:`auc` a plain one. Orderings: any map, the linear-probe ranks
+(:func:`probe_scores`), random (:func:`random_curve`) and, on data with token masks, the true object tokens
+(:func:`oracle_scores`). :func:`run` gives the study's perturbation-AUC table.
 """
 from __future__ import annotations
 
@@ -259,7 +260,7 @@ def run(model, data, store: str | os.PathLike | None = None, *, compat: bool = F
         done = {order: pd.read_csv(path) for order, path in paths.items() if path is not None and path.exists()}
         scores = None
         if len(done) < len(orders) and method != "random":
-            scores = _scores(model, method, images, labels, masks, train, test, compat, batch_size, device)
+            scores = _scores(model, method, images, labels, masks, train, compat, batch_size, device)
         for order, path in paths.items():
             if order in done:
                 rows.append(done[order])
@@ -282,16 +283,19 @@ def run(model, data, store: str | os.PathLike | None = None, *, compat: bool = F
     return curves, aucs
 
 
-def _scores(model, method, images, labels, masks, train, test, compat, batch_size, device) -> torch.Tensor:
-    """The ordering maps [n grid_h grid_w] of one method for the test images."""
+def _scores(model, method, images, labels, masks, train, compat, batch_size, device) -> torch.Tensor:
+    """The ordering maps [n grid_h grid_w] of one method for the test `images` [n C H W] (on the device)."""
     if method == "class_embedding":
         return torch.cat([importance(model, images[i:i + batch_size], labels[i:i + batch_size], compat=compat)
                           for i in range(0, len(images), batch_size)])
     if method == "linear_probe":
+        from torch.utils.data import StackDataset
+
         from analyses import probing
 
+        loaded = StackDataset(image=images, label=labels)  # the test images run() read, not the split once more
         ranks = probing.probe_ranks(probing.extract_features(model, train, batch_size=batch_size),
-                                    probing.extract_features(model, test, batch_size=batch_size),
+                                    probing.extract_features(model, loaded, batch_size=batch_size),
                                     model.cfg.d_vocab, compat=compat, device=device)
         return probe_scores(ranks, model).to(device)
     if method == "oracle":

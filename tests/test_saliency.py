@@ -227,6 +227,29 @@ def test_run_curves_against_plain_loops_aucs_and_resume(small_scenes, tmp_path):
         assert row.auc == pytest.approx(np.trapezoid(accuracy, np.arange(1, 36) / 36) / (34 / 36))
 
 
+def test_the_probe_ordering_reads_each_test_image_once_with_the_same_curves(small_scenes, monkeypatch):
+    from analyses import probing
+
+    model, data = small_scenes
+    train, test = probing.split_per_class(data, 1)
+    # the ordering as the split itself gives it: probes on the features of a second pass over the test split
+    ranks = probing.probe_ranks(probing.extract_features(model, train, batch_size=4),
+                                probing.extract_features(model, test, batch_size=4), model.cfg.d_vocab)
+    items = [test[i] for i in range(len(test))]
+    images, labels = torch.stack([i["image"] for i in items]), torch.tensor([i["label"] for i in items])
+    expected = {order: saliency.token_removal_curve(model, images, labels, saliency.probe_scores(ranks, model),
+                                                    order=order, batch_size=32).numpy() for order in saliency.ORDERS}
+    reads = []
+    get_item = type(data).__getitem__
+    monkeypatch.setattr(type(data), "__getitem__", lambda self, i: reads.append(int(i)) or get_item(self, i))
+    curves, _ = saliency.run(model, data, train_per_class=1, methods=["linear_probe"], batch_size=4, progress=False)
+    assert sorted(reads) == list(range(len(data)))  # every image read once: train for the probes, test once
+    for order in saliency.ORDERS:  # bit for bit the curves of the second pass
+        got = curves[(curves.method == "linear_probe") & (curves.order == order)].accuracy.to_numpy()
+        np.testing.assert_array_equal(got, expected[order])
+        assert 0 < got.mean() < 1
+
+
 def test_cli_saliency_writes_tables_and_refuses_a_model_without_class_token(small_scenes, tmp_path, capsys):
     import timm
 
