@@ -308,3 +308,8 @@ def test_cli_record_class_rank_goes_through_the_registry(tmp_path):
     rank = (last > last[torch.arange(len(labels)), :, labels][..., None]).sum(-1)
     np.testing.assert_array_equal(store["class_rank"][:, -1], rank.numpy())
     assert store.outputs["class_rank"].reducer["class"] == "ClassRankReducer"
+    bare = tmp_path / "auto"  # --class-rank alone: the reducer's own default, "auto"
+    assert main(["record", "tiny-scenes", "scenes", str(bare), "--n-per-class", "1", "--class-rank",
+                 "--no-progress"]) == 0
+    assert vitlens.ActivationStore(bare).outputs["class_rank"].reducer["precision"] == "auto"
+    assert ce.ClassRankReducer().precision == "auto"
