@@ -329,7 +329,6 @@ def run(model, data, store: str | os.PathLike, *, compat: bool = False, random_t
     """
     from vitlens.recorder import record
 
-    resolve_precision(precision, "cpu", compat)  # checked before anything runs
     options = dict(hooks={"hook_logits": "all"}, dtype="float32", batch_size=batch_size, device=device,
                    progress=progress, **record_options)
     if random_twin:
